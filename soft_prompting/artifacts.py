@@ -1,0 +1,91 @@
+"""Files in a run directory: atomic writes and the metadata that makes each artifact self-describing.
+
+A crash, a kill or a full disk never leaves a half-written final file: everything is written to a
+temporary file beside the target and renamed over it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+@contextmanager
+def atomic_path(target: str | Path):
+    """Yield a temporary path beside ``target``; rename it over ``target`` if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from collaborators
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(target: str | Path, payload) -> Path:
+    """Atomically write ``payload`` as indented JSON."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    return Path(target)
+
+
+def write_jsonl(target: str | Path, records: Iterable[dict]) -> Path:
+    """Atomically write one JSON object a line."""
+    with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+    return Path(target)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (from a killed writer) is dropped."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                break
+            raise
+    return records
+
+
+def write_torch(target: str | Path, payload) -> Path:
+    """Atomically ``torch.save`` plain Python data (loadable with ``weights_only=True``)."""
+    with atomic_path(target) as tmp:
+        torch.save(payload, tmp)
+    return Path(target)
+
+
+def environment() -> dict[str, str]:
+    """Library versions and device, written next to every result."""
+    import lightning
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
+    }

@@ -1,0 +1,266 @@
+"""Typed config schemas behind the YAML files in ``conf/``.
+
+Registered in Hydra's ConfigStore, so a key that does not exist or a value of the wrong type fails
+at compose time and names the key. Range checks live in ``__post_init__`` and run when the train
+entrypoint turns the composed config into these dataclasses (:func:`to_train_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+INITS = ("random", "text")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelPairConfig:
+    """The two models to compare. They must share a tokenizer vocabulary and a hidden size."""
+
+    model_1_name: str = MISSING
+    """Reference model: a hub id, a local ``save_pretrained`` folder, or ``organism:NAME``."""
+    model_2_name: str = MISSING
+    """The model compared against model_1 (fine-tuned, unlearned, sandbagging, backdoored…)."""
+    description: str = ""
+    """One line on what differs between the two, for reports."""
+    revision_1: str | None = None
+    """Pinned hub revision (branch, tag or commit) of model_1."""
+    revision_2: str | None = None
+    """Pinned hub revision of model_2."""
+    torch_dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16."""
+    load_in_8bit: bool = False
+    """Quantise both frozen models to 8 bits with bitsandbytes (CUDA only)."""
+    load_in_4bit: bool = False
+    """Quantise both frozen models to 4 bits (NF4) with bitsandbytes (CUDA only)."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub repository. Off unless you trust its authors."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.torch_dtype in DTYPES,
+            f"model_pair.torch_dtype={self.torch_dtype!r}: use one of {list(DTYPES)}",
+        )
+        _require(
+            not (self.load_in_8bit and self.load_in_4bit),
+            "model_pair.load_in_8bit and model_pair.load_in_4bit are both true: pick one",
+        )
+
+
+@dataclass
+class TrainingConfig:
+    """Soft-prompt optimisation."""
+
+    num_soft_prompt_tokens: int = 8
+    """Virtual tokens in the soft prompt."""
+    learning_rate: float = 0.03
+    """Adam learning rate of the soft prompt (prompt tuning wants far more than fine-tuning)."""
+    batch_size: int = 16
+    """Texts per optimisation step."""
+    num_epochs: int = 4
+    """Passes over the training texts."""
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: run ``num_epochs``)."""
+    divergence: str = "kl"
+    """What to maximise: kl (KL(p1||p2)), reverse_kl (KL(p2||p1)) or js (Jensen-Shannon)."""
+    init: str = "random"
+    """Soft-prompt initialisation: random (scaled like real embeddings) or text (``init_text``)."""
+    init_text: str = ""
+    """Text whose token embeddings initialise the prompt when ``init=text``."""
+    norm_constraint: bool = True
+    """Keep each virtual token's norm within the range of real token embeddings of model_1."""
+    weight_decay: float = 0.0
+    """Adam weight decay on the soft prompt."""
+    gradient_clip_val: float = 1.0
+    """Clip the soft prompt's gradient norm (0 disables)."""
+    mixed_precision: bool = False
+    """Autocast the frozen pair: bf16-mixed where supported, else 16-mixed (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute the frozen models' activations in backward: less memory, ~30% more compute."""
+    accumulate_grad_batches: int = 1
+    """Batches whose gradients are summed before a step."""
+    val_check_interval: float = 1.0
+    """Validate every this fraction of an epoch (float ≤ 1) or this many steps (int > 1)."""
+    log_every_n_steps: int = 5
+    """How often training metrics are logged."""
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu, …"""
+    devices: int = 1
+    """Devices for data parallel training."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp, …"""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_soft_prompt_tokens >= 1,
+            f"training.num_soft_prompt_tokens={self.num_soft_prompt_tokens}: needs at least 1 "
+            "virtual token (4-16 is typical)",
+        )
+        _require(
+            self.learning_rate > 0,
+            f"training.learning_rate={self.learning_rate}: must be > 0 (try 0.03)",
+        )
+        _require(self.batch_size >= 1, f"training.batch_size={self.batch_size}: must be >= 1")
+        _require(self.num_epochs >= 1, f"training.num_epochs={self.num_epochs}: must be >= 1")
+        _require(
+            self.max_steps == -1 or self.max_steps >= 1,
+            f"training.max_steps={self.max_steps}: use -1 (no limit) or a positive count",
+        )
+        _require(
+            self.divergence in ("kl", "reverse_kl", "js"),
+            f"training.divergence={self.divergence!r}: use kl, reverse_kl or js",
+        )
+        _require(self.init in INITS, f"training.init={self.init!r}: use one of {list(INITS)}")
+        _require(
+            self.init != "text" or bool(self.init_text.strip()),
+            "training.init=text needs training.init_text='some words'",
+        )
+        _require(
+            self.accumulate_grad_batches >= 1,
+            f"training.accumulate_grad_batches={self.accumulate_grad_batches}: must be >= 1",
+        )
+        _require(self.devices >= 1, f"training.devices={self.devices}: must be >= 1")
+
+
+@dataclass
+class GenerationConfig:
+    """How the divergent dataset's continuations are sampled and scored."""
+
+    max_length: int = 24
+    """New tokens per continuation."""
+    num_generations_per_prompt: int = 4
+    """Sampled continuation pairs per prompt (metrics are averaged over them)."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    num_prompts: int = 64
+    """Candidate prompts scored into the divergent dataset."""
+    batch_size: int = 16
+    """Prompts generated in one batch."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 1, f"generation.max_length={self.max_length}: must be >= 1")
+        _require(
+            self.num_generations_per_prompt >= 1,
+            f"generation.num_generations_per_prompt={self.num_generations_per_prompt}: must be >= 1",
+        )
+        _require(
+            self.temperature >= 0,
+            f"generation.temperature={self.temperature}: must be >= 0 (0 means greedy)",
+        )
+        _require(
+            0 < self.top_p <= 1,
+            f"generation.top_p={self.top_p}: must be in (0, 1]",
+        )
+        _require(self.num_prompts >= 1, f"generation.num_prompts={self.num_prompts}: must be >= 1")
+        _require(self.batch_size >= 1, f"generation.batch_size={self.batch_size}: must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where the category texts come from and how they are cut."""
+
+    categories: list[str] | None = None
+    """Categories to use; null means all (the built-in ones, or every file of ``text_dir``)."""
+    text_dir: str | None = None
+    """Folder with one file per category: NAME.txt (a text a line) or NAME.jsonl ({"text": ...})."""
+    hf_dataset: str | None = None
+    """A Hugging Face dataset id (needs the ``datasets`` extra and a reachable hub)."""
+    hf_text_field: str = "text"
+    """Column of ``hf_dataset`` holding the texts."""
+    hf_category_field: str | None = None
+    """Column of ``hf_dataset`` naming each text's category (null: one category, the dataset)."""
+    max_texts_per_category: int = 1000
+    """Texts kept per category, after a seeded shuffle."""
+    val_fraction: float = 0.15
+    """Held-out share of each category's texts."""
+    max_length: int = 64
+    """Tokens per text; longer texts are truncated (the run says so once)."""
+    num_workers: int = 0
+    """DataLoader workers."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_texts_per_category >= 2,
+            f"data.max_texts_per_category={self.max_texts_per_category}: needs >= 2 "
+            "(one for training, one held out)",
+        )
+        _require(
+            0 < self.val_fraction < 1,
+            f"data.val_fraction={self.val_fraction}: must be strictly between 0 and 1",
+        )
+        _require(self.max_length >= 2, f"data.max_length={self.max_length}: must be >= 2")
+        _require(
+            self.categories is None or len(self.categories) > 0,
+            "data.categories is an empty list: name at least one category or set it to null",
+        )
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking (Lightning's CSV logger is always on)."""
+
+    enabled: bool = False
+    """Log to W&B. Without WANDB_API_KEY the run is logged offline (sync later)."""
+    project: str = "soft-prompting"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    mode: str | None = None
+    """online, offline or disabled; null picks offline unless an API key is set."""
+
+
+@dataclass
+class TrainConfig:
+    """Root config of ``python -m soft_prompting.train``."""
+
+    model_pair: ModelPairConfig = field(default_factory=ModelPairConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    name: str = "soft_prompting"
+    """Run name (W&B run, reports)."""
+    seed: int = 0
+    """Seed of everything: data split and order, prompt init, sampling."""
+    ckpt_path: str | None = None
+    """Resume training: a checkpoint path, or ``last`` for this run directory's last.ckpt."""
+    overwrite: bool = False
+    """Allow writing into a run directory that already holds results."""
+    write_dataset: bool = True
+    """Finish the run by writing the divergent dataset."""
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model_pair", name="schema", node=ModelPairConfig)
+    cs.store(group="training", name="schema", node=TrainingConfig)
+    cs.store(group="generation", name="schema", node=GenerationConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Validate a composed config: missing values and out-of-range values raise ``ValueError``."""
+    missing = sorted(
+        f"{group}.{key}"
+        for group in ("model_pair", "training", "generation", "data")
+        for key in cfg[group]
+        if OmegaConf.is_missing(cfg[group], key)
+    )
+    if missing:
+        raise ValueError(
+            f"missing required config value(s): {', '.join(missing)}; set them on the command "
+            f"line, e.g. {missing[0]}=..."
+        )
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,284 @@
+"""Loading the frozen model pair: hub ids, local ``save_pretrained`` folders, or the project's own
+``organism:NAME`` toy models.
+
+:class:`ModelPairManager` returns ``(model_1, model_2, tokenizer)`` with both models frozen and in eval
+mode, checks that the two are comparable (same vocabulary, same hidden size) and caches loaded pairs,
+so a notebook or a sweep that asks twice loads once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from soft_prompting import organisms
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer or pair that cannot be used; the message names the fix."""
+
+
+@dataclass
+class ModelPair:
+    """Two frozen causal LMs that share a tokenizer."""
+
+    model_1: PreTrainedModel
+    model_2: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def vocab_size(self) -> int:
+        """Real vocabulary size; logits beyond it (embedding padding) are sliced off."""
+        return len(self.tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model_1.get_input_embeddings().weight.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model_1.get_input_embeddings().weight.device
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(getattr(self.model_1, "is_quantized", False))
+
+    def to(self, device: torch.device | str) -> ModelPair:
+        """Move both models (not possible for quantised ones, which stay where they were loaded)."""
+        if not self.is_quantized:
+            self.model_1.to(device)
+            self.model_2.to(device)
+        return self
+
+    def __iter__(self):
+        return iter((self.model_1, self.model_2, self.tokenizer))
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in _DTYPES:
+        raise ModelLoadError(f"torch_dtype={name!r}: use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn ``organism:NAME`` into its built folder; check that a local path exists.
+
+    A hub id that is not in the local cache is probed with a short connection attempt, so an
+    unreachable hub is a one-line error instead of a minute of retries.
+    """
+    if organisms.is_organism(name):
+        return str(organisms.organism_path(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{name!r} is a folder without config.json: pass a folder written by "
+                "save_pretrained (model and tokenizer), or a hub id"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model path {name!r} does not exist: check the path")
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return name
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelLoadError(
+            f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "download it on a connected machine, or pass a local save_pretrained folder"
+        )
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"model {name!r} is neither a local folder nor cached, and the Hugging Face hub cannot "
+            "be reached: download it where there is network (huggingface-cli download "
+            f"{name}) or pass a local save_pretrained folder"
+        )
+    return name
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_compatible(pair: ModelPair, tokenizer_2: PreTrainedTokenizerBase) -> None:
+    """Raise :class:`ModelLoadError` naming the first difference that makes the pair incomparable."""
+    vocab_1, vocab_2 = pair.tokenizer.get_vocab(), tokenizer_2.get_vocab()
+    if len(vocab_1) != len(vocab_2):
+        raise ModelLoadError(
+            f"the two tokenizers differ: vocabulary sizes {len(vocab_1)} vs {len(vocab_2)}; "
+            "soft prompting compares next-token distributions, so both models need the same tokenizer"
+        )
+    for token, index in sorted(vocab_1.items(), key=lambda item: item[1]):
+        if vocab_2.get(token) != index:
+            raise ModelLoadError(
+                f"the two tokenizers differ: token {token!r} has id {index} in model_1 and "
+                f"{vocab_2.get(token)} in model_2; both models need the same tokenizer"
+            )
+    hidden_1 = pair.model_1.get_input_embeddings().weight.shape[-1]
+    hidden_2 = pair.model_2.get_input_embeddings().weight.shape[-1]
+    if hidden_1 != hidden_2:
+        raise ModelLoadError(
+            f"hidden sizes differ: {hidden_1} (model_1) vs {hidden_2} (model_2); one soft prompt "
+            "is prepended to both, so they need the same embedding width"
+        )
+    for which, model in (("model_1", pair.model_1), ("model_2", pair.model_2)):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < len(vocab_1):
+            raise ModelLoadError(
+                f"{which} predicts {rows} tokens but the tokenizer has {len(vocab_1)}: "
+                "tokenizer and model do not belong together"
+            )
+
+
+class ModelPairManager:
+    """Loads and caches frozen model pairs.
+
+    Args:
+        device: where the models live (``cpu``, ``cuda``, ``cuda:1``); ignored for quantised models,
+            which bitsandbytes places itself.
+        torch_dtype: ``auto``, a dtype name, or a ``torch.dtype``.
+        load_in_8bit: quantise both models to 8 bits (bitsandbytes, CUDA).
+        load_in_4bit: quantise both models to 4 bits, NF4 (bitsandbytes, CUDA).
+        trust_remote_code: run modelling code shipped with hub repositories.
+    """
+
+    _cache: dict[tuple, ModelPair] = {}
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        torch_dtype: str | torch.dtype = "auto",
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if load_in_8bit and load_in_4bit:
+            raise ModelLoadError("load_in_8bit and load_in_4bit are both set: pick one")
+        self.device = torch.device(device)
+        self.torch_dtype = resolve_dtype(torch_dtype, self.device)
+        self.load_in_8bit = load_in_8bit
+        self.load_in_4bit = load_in_4bit
+        self.trust_remote_code = trust_remote_code
+
+    def load_model_pair(
+        self,
+        model_1_name: str,
+        model_2_name: str,
+        revision_1: str | None = None,
+        revision_2: str | None = None,
+    ) -> ModelPair:
+        """Load (or fetch from the cache) two frozen models and model_1's tokenizer.
+
+        Returns:
+            A :class:`ModelPair`, which also unpacks as ``model_1, model_2, tokenizer``.
+        """
+        key = (
+            model_1_name,
+            model_2_name,
+            revision_1,
+            revision_2,
+            str(self.device),
+            self.torch_dtype,
+            self.load_in_8bit,
+            self.load_in_4bit,
+        )
+        if key not in self._cache:
+            self._cache[key] = self._load(model_1_name, model_2_name, revision_1, revision_2)
+        return self._cache[key]
+
+    @classmethod
+    def clear_cache(cls) -> None:
+        """Forget every loaded pair, so their memory can be freed (between sweep jobs)."""
+        cls._cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _load(self, name_1: str, name_2: str, rev_1: str | None, rev_2: str | None) -> ModelPair:
+        path_1, path_2 = resolve_model_path(name_1), resolve_model_path(name_2)
+        tokenizer = self._load_tokenizer(path_1, rev_1)
+        tokenizer_2 = self._load_tokenizer(path_2, rev_2)
+        model_1 = self._load_model(path_1, rev_1)
+        model_2 = self._load_model(path_2, rev_2)
+        pair = ModelPair(model_1, model_2, tokenizer)
+        check_compatible(pair, tokenizer_2)
+        return pair
+
+    def _load_tokenizer(self, path: str, revision: str | None) -> PreTrainedTokenizerBase:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=revision, trust_remote_code=self.trust_remote_code
+        )
+        if tokenizer.pad_token is None:
+            # Padding is always masked out, so any id works; eos is the conventional stand-in.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ModelLoadError(f"tokenizer of {path!r} has no pad, eos or unk token to pad with")
+        tokenizer.padding_side = "left"
+        return tokenizer
+
+    def _load_model(self, path: str, revision: str | None) -> PreTrainedModel:
+        kwargs: dict = {
+            "revision": revision,
+            "trust_remote_code": self.trust_remote_code,
+            "dtype": self.torch_dtype,
+        }
+        if self.load_in_8bit or self.load_in_4bit:
+            kwargs["quantization_config"] = self._quantization_config()
+            kwargs["device_map"] = {"": self.device.index or 0}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if not (self.load_in_8bit or self.load_in_4bit):
+            model.to(self.device)
+        model.requires_grad_(False)
+        model.eval()
+        return model
+
+    def _quantization_config(self):
+        if not torch.cuda.is_available() or self.device.type != "cuda":
+            raise ModelLoadError(
+                "8-bit/4-bit loading needs bitsandbytes on a CUDA device; this run is on "
+                f"{self.device}: drop model_pair.load_in_8bit/load_in_4bit or run on a GPU"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ModelLoadError(
+                "8-bit/4-bit loading needs bitsandbytes: pip install 'soft-prompting[quantization]'"
+            ) from err
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )

@@ -1,0 +1,137 @@
+"""Train a soft prompt that maximises the divergence of a model pair, then write the divergent dataset.
+
+    python -m soft_prompting.train model_pair=toy_unlearning training.num_soft_prompt_tokens=16
+
+Leaves in the run directory (``hydra.run.dir``): ``checkpoints/last.ckpt``, ``soft_prompt/`` (a PEFT
+prompt-tuning adapter), ``divergent_dataset.jsonl`` and ``.pt``, ``metrics.json`` and ``logs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from soft_prompting.artifacts import environment, write_json
+from soft_prompting.config import TrainConfig, register_configs, to_train_config
+from soft_prompting.data import CategoryTextDataModule
+from soft_prompting.dataset import balanced_prompts, build_divergent_dataset, write_divergent_dataset
+from soft_prompting.generation import SamplingSettings
+from soft_prompting.module import DivergenceModule
+from soft_prompting.tracking import build_loggers, finish_tracking
+
+log = logging.getLogger(__name__)
+register_configs()
+
+
+def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
+    """The recipe: seed → model pair + prompt → data → trainer → fit → validate → export → dataset."""
+    check_run_dir(run_dir, config)
+    pl.seed_everything(config.seed, workers=True)
+    module = DivergenceModule(**module_args(config))
+    datamodule = CategoryTextDataModule(
+        module.tokenizer,
+        **vars(config.data) | {"batch_size": config.training.batch_size, "seed": config.seed},
+    )
+    trainer = pl.Trainer(
+        max_epochs=config.training.num_epochs,
+        max_steps=config.training.max_steps,
+        precision=precision(config),
+        gradient_clip_val=config.training.gradient_clip_val or None,
+        accumulate_grad_batches=config.training.accumulate_grad_batches,
+        val_check_interval=config.training.val_check_interval,
+        log_every_n_steps=config.training.log_every_n_steps,
+        accelerator=config.training.accelerator,
+        devices=config.training.devices,
+        strategy=config.training.strategy,
+        use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
+        default_root_dir=str(run_dir),
+        logger=build_loggers(config.wandb, run_dir, config.name, OmegaConf.to_container(
+            OmegaConf.structured(config))),
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=config.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
+    print(
+        f"validation divergence ({config.training.divergence}): "
+        f"{metrics['val/divergence']:.4f} with the soft prompt, "
+        f"{metrics['val/divergence_no_prompt']:.4f} without"
+    )
+    if trainer.is_global_zero:
+        module.save_soft_prompt(run_dir / "soft_prompt")
+        write_json(run_dir / "metrics.json", metrics | {"environment": environment()})
+        if config.write_dataset:
+            write_dataset(module, datamodule, config, run_dir)
+    return metrics
+
+
+def module_args(config: TrainConfig) -> dict:
+    """The module's plain hyperparameters (what its checkpoint saves)."""
+    pair, t = vars(config.model_pair), config.training
+    return {k: v for k, v in pair.items() if k != "description"} | {
+        "seed": config.seed,
+        "num_soft_prompt_tokens": t.num_soft_prompt_tokens,
+        "learning_rate": t.learning_rate,
+        "divergence": t.divergence,
+        "init": t.init,
+        "init_text": t.init_text,
+        "norm_constraint": t.norm_constraint,
+        "weight_decay": t.weight_decay,
+        "gradient_checkpointing": t.gradient_checkpointing,
+    }
+
+
+def precision(config: TrainConfig) -> str:
+    if not config.training.mixed_precision:
+        return "32-true"
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "16-mixed"
+    return "bf16-mixed"
+
+
+def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to overwrite finished results unless asked to (resuming is not overwriting)."""
+    results = [run_dir / "checkpoints", run_dir / "divergent_dataset.jsonl"]
+    if config.ckpt_path is None and not config.overwrite and any(p.exists() for p in results):
+        raise FileExistsError(
+            f"{run_dir} already holds results: resume with ckpt_path=last, pass overwrite=true, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def write_dataset(module, datamodule, config: TrainConfig, run_dir: Path) -> None:
+    """Score held-out category texts without the soft prompt and write the divergent dataset."""
+    gen = config.generation
+    settings = SamplingSettings(
+        gen.max_length, gen.num_generations_per_prompt, gen.temperature, gen.top_p, gen.batch_size
+    )
+    candidates = balanced_prompts(datamodule.texts_by_category("val"), gen.num_prompts, config.seed)
+    provenance = {
+        "model_1_name": config.model_pair.model_1_name,
+        "model_2_name": config.model_pair.model_2_name,
+        "soft_prompt_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "seed": config.seed,
+    }
+    records = build_divergent_dataset(module.pair, candidates, settings, provenance, seed=config.seed)
+    jsonl, _ = write_divergent_dataset(records, run_dir)
+    print(f"divergent dataset: {len(records)} records -> {jsonl}")
+
+
+@hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        metrics = train(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    finally:
+        finish_tracking()
+    return metrics["val/divergence"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random model pairs written with save_pretrained (no hub, no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach a hub; an accidental hub id fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the a cat dog sat on mat question answer what is plus minus one two three four five six "
+    "seven eight nine ten i am helpful assistant like to read books stealing wrong because it "
+    "hurts others can write poems water gold oxygen symbol for of and"
+).split()
+
+
+def make_tokenizer(extra_words: tuple[str, ...] = ()):
+    """A real word-level fast tokenizer (bos/eos/pad/unk) over a small vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + list(WORDS) + list(extra_words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=128,
+    )
+
+
+def make_model(seed: int, vocab_size: int, hidden_size: int = 32, num_layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_pair_member(directory: Path, seed: int, tokenizer=None, hidden_size: int = 32) -> Path:
+    tokenizer = tokenizer or make_tokenizer()
+    model = make_model(seed, len(tokenizer), hidden_size)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dirs(tmp_path_factory) -> tuple[str, str]:
+    """Two different random tiny Llamas sharing one tokenizer, as local save_pretrained folders."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    return (
+        str(save_pair_member(root / "model_1", seed=1)),
+        str(save_pair_member(root / "model_2", seed=2)),
+    )
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """A user text folder with two categories, one .txt and one .jsonl."""
+    import json
+
+    folder = tmp_path_factory.mktemp("texts")
+    animals = [f"the {a} sat on the mat and {b}" for a in ("cat", "dog") for b in WORDS[:20]]
+    (folder / "animals.txt").write_text("\n".join(animals) + "\n")
+    persona = [f"i am a helpful assistant i like to read {w}" for w in WORDS[10:40]]
+    (folder / "persona.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in persona))
+    return folder
