@@ -77,6 +77,35 @@ def write_torch(target: str | Path, payload) -> Path:
     return Path(target)
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a ``.jsonl`` or ``.pt`` results file.
+
+    ``.pt`` files are read with ``weights_only=True``: they hold plain types, and a pickle that
+    would run code is refused rather than executed.
+    """
+    from soft_prompting.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    if path.suffix == ".pt":
+        try:
+            records = torch.load(path, weights_only=True)
+        except Exception as err:
+            raise DataError(
+                f"{path} is not a plain-data .pt file (refusing to unpickle anything else: "
+                f"{str(err).splitlines()[0][:160]}); regenerate it with this project"
+            ) from err
+    else:
+        try:
+            records = read_jsonl(path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path} is not valid UTF-8 JSON lines: {err}") from err
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path} does not hold a list of records (dicts)")
+    return records
+
+
 def environment() -> dict[str, str]:
     """Library versions and device, written next to every result."""
     import lightning

@@ -7,10 +7,17 @@ entrypoint turns the composed config into these dataclasses (:func:`to_train_con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from soft_prompting.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("random", "text")
@@ -18,7 +25,7 @@ INITS = ("random", "text")
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass
@@ -85,12 +92,16 @@ class TrainingConfig:
     """Autocast the frozen pair: bf16-mixed where supported, else 16-mixed (GPU)."""
     gradient_checkpointing: bool = False
     """Recompute the frozen models' activations in backward: less memory, ~30% more compute."""
+    compile: bool = False
+    """``torch.compile`` the frozen models' forward; the first steps pay the compile time."""
     accumulate_grad_batches: int = 1
     """Batches whose gradients are summed before a step."""
     val_check_interval: float = 1.0
     """Validate every this fraction of an epoch (float ≤ 1) or this many steps (int > 1)."""
     log_every_n_steps: int = 5
     """How often training metrics are logged."""
+    checkpoint_every_n_steps: int = 20
+    """Write ``checkpoints/last.ckpt`` this often, so a killed run loses little (resume: ckpt_path=last)."""
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu, …"""
     devices: int = 1
@@ -128,6 +139,10 @@ class TrainingConfig:
             f"training.accumulate_grad_batches={self.accumulate_grad_batches}: must be >= 1",
         )
         _require(self.devices >= 1, f"training.devices={self.devices}: must be >= 1")
+        _require(
+            self.checkpoint_every_n_steps >= 1,
+            f"training.checkpoint_every_n_steps={self.checkpoint_every_n_steps}: must be >= 1",
+        )
 
 
 @dataclass
@@ -240,10 +255,52 @@ class TrainConfig:
     """Finish the run by writing the divergent dataset."""
 
 
+@dataclass
+class CompareConfig:
+    """Root config of ``python -m soft_prompting.compare``: one train run per category, then a table."""
+
+    model_pair: ModelPairConfig = field(default_factory=ModelPairConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    name: str = "comparison"
+    """Comparison name (each category's run is NAME-CATEGORY)."""
+    seed: int = 0
+    """Seed of every category's run and of the bootstrap."""
+    categories: list[str] | None = None
+    """Categories compared, one run each; null: data.categories, else every category of the source."""
+    runs: list[str] | None = None
+    """Aggregate these finished train run directories (e.g. a multirun's jobs) instead of training."""
+    evaluate: bool = True
+    """Run ``soft_prompting.evaluate`` on each category's dataset when that module is installed."""
+    top_k: int = 5
+    """Top examples (highest KL) listed per category."""
+    confidence: float = 0.95
+    """Confidence level of the bootstrap intervals."""
+    bootstrap_samples: int = 2000
+    """Bootstrap resamples per interval."""
+    overwrite: bool = False
+    """Retrain categories whose run already finished (otherwise they are reused)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.categories is None or len(self.categories) > 0,
+            "categories is an empty list: name at least one, e.g. categories=[sandbagging,unlearning]",
+        )
+        _require(self.top_k >= 1, f"top_k={self.top_k}: must be >= 1")
+        _require(0 < self.confidence < 1, f"confidence={self.confidence}: must be in (0, 1)")
+        _require(
+            self.bootstrap_samples >= 100,
+            f"bootstrap_samples={self.bootstrap_samples}: use at least 100 (2000 is typical)",
+        )
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="compare_schema", node=CompareConfig)
     cs.store(group="model_pair", name="schema", node=ModelPairConfig)
     cs.store(group="training", name="schema", node=TrainingConfig)
     cs.store(group="generation", name="schema", node=GenerationConfig)
@@ -251,7 +308,7 @@ def register_configs() -> None:
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Validate a composed config: missing values and out-of-range values raise ``ValueError``."""
+    """Validate a composed config: missing and out-of-range values raise :class:`ConfigError`."""
     missing = sorted(
         f"{group}.{key}"
         for group in ("model_pair", "training", "generation", "data")
@@ -259,8 +316,104 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         if OmegaConf.is_missing(cfg[group], key)
     )
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"missing required config value(s): {', '.join(missing)}; set them on the command "
             f"line, e.g. {missing[0]}=..."
         )
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf wraps errors raised while building the dataclasses
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(err)) from err
+
+
+# ---------------------------------------------------------------- configs users already have
+
+_PAIR_KEYS = frozenset(f.name for f in fields(ModelPairConfig))
+_RUN_DIR_KEYS = ("output_dir",)
+"""Keys of the seed experiment YAML that say where results go, not how they are computed."""
+
+
+def experiment_to_dict(experiment: Mapping) -> dict:
+    """The seed README's experiment YAML, reshaped to :class:`TrainConfig`'s layout.
+
+    The seed file is flat where ours has a ``model_pair`` group::
+
+        name, training:, generation:, data:   -> the same keys
+        model_1_name, model_2_name            -> model_pair.model_1_name, model_pair.model_2_name
+        output_dir                            -> dropped: the run directory is the caller's choice
+
+    Other :class:`ModelPairConfig` keys at the top level (``torch_dtype``, ``load_in_8bit``, …) move
+    into ``model_pair`` too, and a mapping already in TrainConfig's layout passes through unchanged.
+    """
+    raw = {key: value for key, value in experiment.items() if key not in _RUN_DIR_KEYS}
+    raw.pop("hydra", None)  # a saved .hydra/config.yaml or a compose(return_hydra_config=True)
+    pair = dict(raw.pop("model_pair", None) or {})
+    pair |= {key: raw.pop(key) for key in list(raw) if key in _PAIR_KEYS}
+    return {"model_pair": pair, **raw} if pair else raw
+
+
+def load_train_config(
+    source: TrainConfig | DictConfig | Mapping | str | os.PathLike,
+) -> TrainConfig:
+    """A validated :class:`TrainConfig` from any config a user holds.
+
+    Args:
+        source: a TrainConfig; a Hydra-composed config; or a dict or YAML file path in either
+            TrainConfig's layout or the seed experiment layout (see :func:`experiment_to_dict`).
+            Values not given keep the schema's defaults.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, a missing model name or an out-of-range value,
+            named in the message.
+    """
+    if isinstance(source, TrainConfig):
+        return source
+    if isinstance(source, str | os.PathLike):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        source = OmegaConf.load(path)
+    if isinstance(source, DictConfig):
+        source = OmegaConf.to_container(source, resolve=True)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), experiment_to_dict(source))
+    except OmegaConfBaseException as err:
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(
+            f"config key {err.full_key!r}: {first_line} (the keys are documented in "
+            "soft_prompting/config.py)"
+        ) from None
+    return to_train_config(merged)
+
+
+def to_overrides(config: Mapping, prefix: str = "") -> list[str]:
+    """Flatten a nested mapping into Hydra command-line overrides (``training.batch_size=4``).
+
+    Strings are quoted, so ``organism:base``, paths with spaces and ``"true"`` stay strings.
+    """
+    overrides = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            overrides += to_overrides(value, f"{prefix}{key}.")
+        else:
+            overrides.append(f"{prefix}{key}={_override_value(value)}")
+    return overrides
+
+
+def _override_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(item) for item in value) + "]"
+    # Inside Hydra quotes only backslashes before a quote (or at the end) and ${ need escaping.
+    text = re.sub(r"(\\+)('|$)", lambda m: m.group(1) * 2 + m.group(2), str(value))
+    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"

@@ -27,14 +27,11 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from soft_prompting import corpus
+from soft_prompting.errors import DataError
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-class DataError(ValueError):
-    """Category texts that cannot be used; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ so a notebook or a sweep that asks twice loads once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -25,14 +26,11 @@ from transformers import (
 )
 
 from soft_prompting import organisms
+from soft_prompting.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model, tokenizer or pair that cannot be used; the message names the fix."""
 
 
 @dataclass
@@ -80,6 +78,12 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     if name not in _DTYPES:
         raise ModelLoadError(f"torch_dtype={name!r}: use auto, {', '.join(_DTYPES)}")
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "bfloat16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(
+            "torch_dtype=bfloat16 but this GPU has no bfloat16 support: use "
+            "model_pair.torch_dtype=float16 (or float32)"
+        )
     return _DTYPES[name]
 
 
@@ -220,6 +224,7 @@ class ModelPairManager:
     def clear_cache(cls) -> None:
         """Forget every loaded pair, so their memory can be freed (between sweep jobs)."""
         cls._cache.clear()
+        gc.collect()  # a finished Lightning trainer and its module hold the pair through cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -26,10 +26,21 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import save_file
 
+from soft_prompting.chunked_divergence import chunked_head_divergence
 from soft_prompting.divergence import get_divergence, masked_mean
+from soft_prompting.errors import DivergenceError, ModelLoadError
 from soft_prompting.models import ModelPair, ModelPairManager
 
 log = logging.getLogger(__name__)
+
+# Architectures whose logits are exactly ``lm_head(base_model(...).last_hidden_state)``, so the
+# divergence can be taken from the hidden states chunk by chunk (see chunked_divergence.py). Others
+# (final-logit softcapping, logit scales) use the generic path through full logits.
+_PLAIN_HEAD_MODEL_TYPES = frozenset(
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe gemma phi3 olmo olmo2 gpt2 gpt_neox "
+    "smollm3 starcoder2 stablelm".split()
+)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class DivergenceModule(pl.LightningModule):
@@ -46,6 +57,7 @@ class DivergenceModule(pl.LightningModule):
         norm_constraint: keep each virtual token's norm within model_1's real-token norm range.
         weight_decay: Adam weight decay.
         gradient_checkpointing: recompute the frozen models' activations in backward.
+        compile: ``torch.compile`` the frozen models' forward (first steps pay the compile time).
         torch_dtype, load_in_8bit, load_in_4bit, trust_remote_code, revision_1, revision_2: how the
             pair is loaded (see :class:`~soft_prompting.models.ModelPairManager`).
         seed: seeds the random prompt initialisation.
@@ -64,6 +76,7 @@ class DivergenceModule(pl.LightningModule):
         norm_constraint: bool = True,
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         torch_dtype: str = "auto",
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
@@ -92,6 +105,10 @@ class DivergenceModule(pl.LightningModule):
                 model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
+                _checkpoint_in_eval_mode(model)
+        # Plain linear heads: the divergence never materialises the full [B, T, V] logits.
+        self.fused_head = all(_has_plain_head(m) for m in (pair.model_1, pair.model_2))
+        self._compiled: dict[int, torch.nn.Module] = {}
         embeddings = pair.model_1.get_input_embeddings().weight.detach().float()
         norms = embeddings[: pair.vocab_size].norm(dim=-1)
         self.register_buffer("norm_range", torch.stack([norms.min(), norms.max()]))
@@ -114,6 +131,22 @@ class DivergenceModule(pl.LightningModule):
     @property
     def tokenizer(self):
         return self.pair.tokenizer
+
+    @property
+    def max_text_length(self) -> int | None:
+        """Text tokens that fit in the models' context after the virtual tokens (None: unknown)."""
+        context = getattr(self.pair.model_1.config, "max_position_embeddings", None)
+        return None if context is None else context - self.hparams.num_soft_prompt_tokens
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("state_dict", {}).get("soft_prompt")
+        if saved is not None and saved.shape != self.soft_prompt.shape:
+            raise ModelLoadError(
+                f"the checkpoint's soft prompt has shape {tuple(saved.shape)} (virtual tokens, "
+                f"hidden size) but this run needs {tuple(self.soft_prompt.shape)}: it comes from "
+                "another model pair or prompt length; resume with a checkpoint of this pair and "
+                "training.num_soft_prompt_tokens, or drop ckpt_path to start fresh"
+            )
 
     def _sync_pair_device(self) -> None:
         if self.pair.device != self.soft_prompt.device:
@@ -149,13 +182,13 @@ class DivergenceModule(pl.LightningModule):
             for model in (self.pair.model_1, self.pair.model_2)
         )
 
-    def _model_logits(
+    def _model_inputs(
         self,
         model: torch.nn.Module,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> dict:
         embeds = model.get_input_embeddings()(input_ids)
         mask = attention_mask
         if prompt is not None:
@@ -165,14 +198,43 @@ class DivergenceModule(pl.LightningModule):
             mask = torch.cat([mask.new_ones(batch, n_virtual), mask], dim=1)
         # Positions count real tokens only, so padding never shifts the text's positions.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=input_ids.shape[1],
-        )
+        return {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
+
+    def _model_logits(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt: torch.Tensor | None,
+    ) -> torch.Tensor:
+        inputs = self._model_inputs(model, input_ids, attention_mask, prompt)
+        out = self._maybe_compiled(model)(**inputs, logits_to_keep=input_ids.shape[1])
         return out.logits[..., : self.pair.vocab_size]
+
+    def _text_hidden_states(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``[B, L, H]`` final (normed) hidden states at the text positions, before the lm_head."""
+        inputs = self._model_inputs(model, input_ids, attention_mask, prompt)
+        out = self._maybe_compiled(model.base_model)(**inputs)
+        return out.last_hidden_state[:, -input_ids.shape[1] :]
+
+    def _maybe_compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.hparams.get("compile", False):
+            return model
+        # A plain dict, not an attribute: a compiled wrapper must not become a child module.
+        if id(model) not in self._compiled:
+            self._compiled[id(model)] = torch.compile(model)
+        return self._compiled[id(model)]
 
     def divergence(
         self,
@@ -181,7 +243,31 @@ class DivergenceModule(pl.LightningModule):
         use_prompt: bool = True,
         prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean per-token divergence over the real text positions of the batch (a scalar)."""
+        """Mean per-token divergence over the real text positions of the batch (a scalar).
+
+        With plain linear heads (``self.fused_head``) the logits are computed a chunk of positions
+        at a time and never exist whole; the value and gradient are those of the generic path.
+        """
+        if self.fused_head:
+            self._sync_pair_device()
+            if use_prompt:
+                prompt = self.soft_prompt if prompt is None else prompt
+            else:
+                prompt = None
+            models = (self.pair.model_1, self.pair.model_2)
+            hidden_1, hidden_2 = (
+                self._text_hidden_states(m, input_ids, attention_mask, prompt) for m in models
+            )
+            vocab_size = self.pair.vocab_size
+            return chunked_head_divergence(
+                hidden_1,
+                hidden_2,
+                attention_mask.bool(),
+                models[0].get_output_embeddings(),
+                models[1].get_output_embeddings(),
+                self.divergence_fn,
+                vocab_size,
+            )
         logits_1, logits_2 = self.pair_logits(input_ids, attention_mask, use_prompt, prompt)
         per_position = self.divergence_fn(logits_1, logits_2)
         return masked_mean(per_position, attention_mask.bool())
@@ -190,13 +276,36 @@ class DivergenceModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         divergence = self.divergence(batch["input_ids"], batch["attention_mask"])
         if not torch.isfinite(divergence):
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"the divergence became {divergence.item()} at training batch {batch_idx}: lower "
                 "training.learning_rate, use model_pair.torch_dtype=float32, or keep "
                 "training.norm_constraint=true; the last good checkpoint is kept"
             )
-        self.log("train/divergence", divergence, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return -divergence
+        scale, logged = self._data_parallel_scale(divergence, batch["attention_mask"])
+        self.log("train/divergence", logged, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return -divergence * scale
+
+    def _data_parallel_scale(
+        self, divergence: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """Loss scale that makes data-parallel training equal to one process on the global batch.
+
+        Rank ``r`` of ``W`` holds ``n_r`` text tokens whose divergences sum to ``S_r``; its loss is
+        the mean ``S_r / n_r``. DDP averages gradients, ``(1/W) sum_r grad(S_r / n_r)``, which is
+        not the gradient of the global batch's token-weighted mean ``sum_r S_r / N`` (with
+        ``N = sum_r n_r``) unless every rank holds as many tokens. Scaling rank ``r``'s loss by
+        ``W n_r / N`` makes the two equal.
+
+        Returns:
+            ``(scale, global mean divergence)``; ``(1.0, divergence)`` in a single process.
+        """
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return 1.0, divergence
+        local = attention_mask.sum().to(divergence.device, torch.float32)
+        sums = torch.stack([local, divergence.detach() * local])
+        total_tokens, total_divergence = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return world * local / total_tokens, total_divergence / total_tokens
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = len(batch["input_ids"])
@@ -251,3 +360,33 @@ class DivergenceModule(pl.LightningModule):
             json.dumps({k: v for k, v in self.hparams.items()}, indent=2, default=str)
         )
         return directory
+
+
+def _has_plain_head(model: torch.nn.Module) -> bool:
+    """True when ``model``'s logits are exactly ``lm_head(base_model(...).last_hidden_state)``."""
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return False
+    return (
+        config.model_type in _PLAIN_HEAD_MODEL_TYPES
+        and model.base_model is not model
+        and type(model.get_output_embeddings()) is torch.nn.Linear
+    )
+
+
+def _checkpoint_in_eval_mode(model: torch.nn.Module) -> None:
+    """Make Hugging Face checkpoint the layers of a frozen model kept in eval mode.
+
+    HF recomputes a layer only when that layer is in training mode, and the frozen pair stays in
+    eval mode (no dropout), so ``gradient_checkpointing_enable`` alone does nothing here. Only the
+    checkpointed layer modules themselves are flagged as training; their children (attention,
+    dropout) stay in eval mode, so the numerics do not change.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the layers carry the flag themselves
+        GradientCheckpointingLayer = torch.nn.Module  # noqa: N806
+    for layer in model.modules():
+        if layer is not model and isinstance(layer, GradientCheckpointingLayer):
+            if getattr(layer, "gradient_checkpointing", False):
+                layer.training = True

@@ -115,9 +115,9 @@ class TrainingRecipe:
 
 
 ARCHITECTURE = ArchitectureRecipe()
-BASE_TRAINING = TrainingRecipe(steps=700, learning_rate=3e-3, warmup_steps=30)
+BASE_TRAINING = TrainingRecipe(steps=1000, learning_rate=5e-3, warmup_steps=30)
 VARIANT_TRAINING = TrainingRecipe(
-    steps=150, learning_rate=1e-3, warmup_steps=10, init_seed=1, distill_weight=1.0
+    steps=200, learning_rate=2e-3, warmup_steps=10, init_seed=1, distill_weight=1.0
 )
 
 

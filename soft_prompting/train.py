@@ -20,8 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from soft_prompting.artifacts import environment, write_json
 from soft_prompting.config import TrainConfig, register_configs, to_train_config
 from soft_prompting.data import CategoryTextDataModule
-from soft_prompting.dataset import balanced_prompts, build_divergent_dataset, write_divergent_dataset
+from soft_prompting.dataset import (
+    balanced_prompts,
+    build_divergent_dataset,
+    write_divergent_dataset,
+)
+from soft_prompting.errors import ConfigError, RunDirError, reported_errors
 from soft_prompting.generation import SamplingSettings
+from soft_prompting.models import ModelPairManager
 from soft_prompting.module import DivergenceModule
 from soft_prompting.tracking import build_loggers, finish_tracking
 
@@ -34,28 +40,11 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
     check_run_dir(run_dir, config)
     pl.seed_everything(config.seed, workers=True)
     module = DivergenceModule(**module_args(config))
-    datamodule = CategoryTextDataModule(
-        module.tokenizer,
-        **vars(config.data) | {"batch_size": config.training.batch_size, "seed": config.seed},
-    )
-    trainer = pl.Trainer(
-        max_epochs=config.training.num_epochs,
-        max_steps=config.training.max_steps,
-        precision=precision(config),
-        gradient_clip_val=config.training.gradient_clip_val or None,
-        accumulate_grad_batches=config.training.accumulate_grad_batches,
-        val_check_interval=config.training.val_check_interval,
-        log_every_n_steps=config.training.log_every_n_steps,
-        accelerator=config.training.accelerator,
-        devices=config.training.devices,
-        strategy=config.training.strategy,
-        use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
-        default_root_dir=str(run_dir),
-        logger=build_loggers(config.wandb, run_dir, config.name, OmegaConf.to_container(
-            OmegaConf.structured(config))),
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)],
-    )
+    datamodule = build_datamodule(module, config)
+    trainer = build_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=config.ckpt_path)
+    # Step-based checkpoints can miss the final steps; last.ckpt must be the finished prompt.
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
     print(
         f"validation divergence ({config.training.divergence}): "
@@ -68,6 +57,51 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
         if config.write_dataset:
             write_dataset(module, datamodule, config, run_dir)
     return metrics
+
+
+def build_datamodule(module: DivergenceModule, config: TrainConfig) -> CategoryTextDataModule:
+    """The category texts of ``config.data``, cut to fit the models' context after the prompt."""
+    return CategoryTextDataModule(
+        module.tokenizer,
+        **vars(config.data)
+        | {
+            "max_length": fit_to_context(config.data.max_length, module.max_text_length),
+            "batch_size": config.training.batch_size,
+            "seed": config.seed,
+        },
+    )
+
+
+def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer:
+    """The Lightning trainer of ``config.training``, logging and checkpointing into ``run_dir``.
+
+    ``overrides`` replace any ``pl.Trainer`` argument (the Python API uses this for its own data).
+    """
+    arguments = dict(
+        max_epochs=config.training.num_epochs,
+        max_steps=config.training.max_steps,
+        precision=precision(config),
+        gradient_clip_val=config.training.gradient_clip_val or None,
+        accumulate_grad_batches=config.training.accumulate_grad_batches,
+        val_check_interval=config.training.val_check_interval,
+        log_every_n_steps=config.training.log_every_n_steps,
+        accelerator=config.training.accelerator,
+        devices=config.training.devices,
+        strategy=config.training.strategy,
+        use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
+        default_root_dir=str(run_dir),
+        logger=build_loggers(
+            config.wandb, run_dir, config.name, OmegaConf.to_container(OmegaConf.structured(config))
+        ),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                save_last=True,
+                every_n_train_steps=config.training.checkpoint_every_n_steps,
+            )
+        ],
+    )
+    return pl.Trainer(**(arguments | overrides))
 
 
 def module_args(config: TrainConfig) -> dict:
@@ -83,7 +117,25 @@ def module_args(config: TrainConfig) -> dict:
         "norm_constraint": t.norm_constraint,
         "weight_decay": t.weight_decay,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "compile": t.compile,
     }
+
+
+def fit_to_context(max_length: int, context: int | None) -> int:
+    """``data.max_length``, lowered (once, with a warning) to what fits in the models' context."""
+    if context is None or max_length <= context:
+        return max_length
+    if context < 2:
+        raise ConfigError(
+            f"the models' context leaves {context} text tokens after the soft prompt: lower "
+            "training.num_soft_prompt_tokens"
+        )
+    log.warning(
+        "data.max_length=%d exceeds the models' context after the soft prompt; using %d",
+        max_length,
+        context,
+    )
+    return context
 
 
 def precision(config: TrainConfig) -> str:
@@ -100,7 +152,7 @@ def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
     """Refuse to overwrite finished results unless asked to (resuming is not overwriting)."""
     results = [run_dir / "checkpoints", run_dir / "divergent_dataset.jsonl"]
     if config.ckpt_path is None and not config.overwrite and any(p.exists() for p in results):
-        raise FileExistsError(
+        raise RunDirError(
             f"{run_dir} already holds results: resume with ckpt_path=last, pass overwrite=true, "
             "or choose another hydra.run.dir"
         )
@@ -119,7 +171,9 @@ def write_dataset(module, datamodule, config: TrainConfig, run_dir: Path) -> Non
         "soft_prompt_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "seed": config.seed,
     }
-    records = build_divergent_dataset(module.pair, candidates, settings, provenance, seed=config.seed)
+    records = build_divergent_dataset(
+        module.pair, candidates, settings, provenance, seed=config.seed
+    )
     jsonl, _ = write_divergent_dataset(records, run_dir)
     print(f"divergent dataset: {len(records)} records -> {jsonl}")
 
@@ -127,9 +181,13 @@ def write_dataset(module, datamodule, config: TrainConfig, run_dir: Path) -> Non
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        metrics = train(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        with reported_errors():
+            metrics = train(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     finally:
+        # A sweep runs its jobs one after another in this process: the next job starts its own
+        # W&B run and loads its own models, so this job's are freed before it starts.
         finish_tracking()
+        ModelPairManager.clear_cache()
     return metrics["val/divergence"]
 
 

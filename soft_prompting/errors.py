@@ -1,0 +1,58 @@
+"""User-facing errors and how the command-line entrypoints report them.
+
+Every error a user can cause (a bad config value, a missing file, a model that cannot be loaded, a
+divergence that blew up) is a :class:`SoftPromptingError` whose message names the problem and the
+fix. Entrypoints wrap their work in :func:`reported_errors`, which prints that message in one or two
+lines and exits with status 2 instead of a traceback wall; ``SOFT_PROMPTING_DEBUG=1`` (or Hydra's
+``HYDRA_FULL_ERROR=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+
+class SoftPromptingError(Exception):
+    """Base of the errors a user can fix; the message says how."""
+
+
+class ConfigError(SoftPromptingError, ValueError):
+    """A config value that is missing, of the wrong type or out of range."""
+
+
+class DataError(SoftPromptingError, ValueError):
+    """Category texts or a prompts file that cannot be used."""
+
+
+class ModelLoadError(SoftPromptingError, RuntimeError):
+    """A model, tokenizer, checkpoint or pair that cannot be used."""
+
+
+class RunDirError(SoftPromptingError, FileExistsError):
+    """A run directory that already holds results."""
+
+
+class DivergenceError(SoftPromptingError, FloatingPointError):
+    """The divergence became NaN or infinite."""
+
+
+def debug_enabled() -> bool:
+    return any(os.environ.get(name, "0") not in ("", "0") for name in _DEBUG_VARIABLES)
+
+
+_DEBUG_VARIABLES = ("SOFT_PROMPTING_DEBUG", "HYDRA_FULL_ERROR")
+
+
+@contextmanager
+def reported_errors():
+    """Turn a :class:`SoftPromptingError` into a short message on stderr and exit status 2."""
+    try:
+        yield
+    except SoftPromptingError as err:
+        if debug_enabled():
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print("(set SOFT_PROMPTING_DEBUG=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,395 @@
+"""The documented Python API: a thin façade over :class:`DivergenceModule` and a Lightning trainer.
+
+    from soft_prompting import DivergenceTrainer, ModelPairManager
+
+    model_1, model_2, tokenizer = ModelPairManager(device="cpu").load_model_pair(name_1, name_2)
+    trainer = DivergenceTrainer(model_1=model_1, model_2=model_2, tokenizer=tokenizer,
+                                config=config)
+    trainer.train(train_dataloader)
+    dataset = trainer.generate_divergent_dataset(output_file="divergent_dataset.pt")
+
+Nothing here trains or scores by itself: the soft prompt, its loss and its checkpoint are the
+module's; the Lightning trainer, the default data and the dataset writer are the ones
+``python -m soft_prompting.train`` uses (:mod:`soft_prompting.train`,
+:mod:`soft_prompting.dataset`).
+This module only adapts what users hold (already loaded models, any config shape, any DataLoader).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from soft_prompting.artifacts import environment, write_json, write_jsonl, write_torch
+from soft_prompting.config import TrainConfig, experiment_to_dict, load_train_config
+from soft_prompting.data import CategoryTextDataModule
+from soft_prompting.dataset import (
+    balanced_prompts,
+    build_divergent_dataset,
+    write_divergent_dataset,
+)
+from soft_prompting.errors import ConfigError, DataError
+from soft_prompting.generation import SamplingSettings
+from soft_prompting.models import ModelPair, check_compatible
+from soft_prompting.module import DivergenceModule
+from soft_prompting.train import (
+    build_datamodule,
+    build_trainer,
+    check_run_dir,
+    fit_to_context,
+    module_args,
+)
+
+log = logging.getLogger(__name__)
+
+USER_CATEGORY = "user"
+"""Category of the texts that came from the user's own DataLoader."""
+
+
+class DivergenceTrainer:
+    """Trains a soft prompt that makes two frozen models disagree, and writes the divergent dataset.
+
+    Args:
+        model_1: reference model, already loaded (e.g. by ``ModelPairManager``). Leave the three
+            model arguments out to load the pair named in ``config``.
+        model_2: the model compared against ``model_1``.
+        tokenizer: the tokenizer both models share.
+        config: the seed README's experiment YAML (a path or its dict), a dict or YAML in
+            :class:`~soft_prompting.config.TrainConfig`'s layout, a ``TrainConfig``, or the Hydra
+            config of ``python -m soft_prompting.train``. Model names it lacks are taken from the
+            loaded models (``name_or_path``), so checkpoints can rebuild the pair later.
+        output_dir: the run directory (checkpoints, soft prompt, metrics, dataset); default: the
+            config's ``output_dir``, else ``outputs/<name>``.
+        **trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments (``enable_progress_bar``,
+            ``logger``, ``callbacks``…); they win over the config.
+    """
+
+    def __init__(
+        self,
+        model_1: torch.nn.Module | None = None,
+        model_2: torch.nn.Module | None = None,
+        tokenizer=None,
+        config: TrainConfig | DictConfig | Mapping | str | os.PathLike | None = None,
+        output_dir: str | os.PathLike | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        given = [model_1 is not None, model_2 is not None, tokenizer is not None]
+        if any(given) and not all(given):
+            raise ConfigError(
+                "pass model_1, model_2 and tokenizer together, or none of them to load the pair "
+                "named in config (model_1_name, model_2_name)"
+            )
+        raw = _config_mapping(config)
+        output_dir = output_dir or raw.get("output_dir")
+        raw = experiment_to_dict(raw)
+        pair = None
+        if model_1 is not None:
+            pair = _frozen_pair(model_1, model_2, tokenizer)
+            names = raw.setdefault("model_pair", {})
+            for key, model in (("model_1_name", model_1), ("model_2_name", model_2)):
+                if names.get(key) in (None, "", "???"):
+                    names[key] = _model_name(model, key)
+        self.config: TrainConfig = load_train_config(raw)
+        self.output_dir = Path(output_dir or Path("outputs") / self.config.name)
+        self.trainer_kwargs = trainer_kwargs
+        pl.seed_everything(self.config.seed, workers=True)  # the prompt's random initialisation
+        self.module = DivergenceModule(**module_args(self.config), pair=pair)
+        self.lightning_trainer: pl.Trainer | None = None
+        self._datamodule: CategoryTextDataModule | None = None
+        self._user_texts: dict[str, list[str]] = {}
+        self._has_trained = False
+
+    # ------------------------------------------------------------------ what users reach for
+    @property
+    def pair(self) -> ModelPair:
+        return self.module.pair
+
+    @property
+    def tokenizer(self):
+        return self.module.tokenizer
+
+    @property
+    def soft_prompt(self) -> torch.Tensor:
+        """``[num_soft_prompt_tokens, hidden_size]``, detached."""
+        return self.module.soft_prompt.detach()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``last.ckpt`` of this run: ``DivergenceModule.load_from_checkpoint`` reloads it."""
+        return self.output_dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def datamodule(self) -> CategoryTextDataModule:
+        """The project's category texts of ``config.data`` (built on first use)."""
+        if self._datamodule is None:
+            self._datamodule = build_datamodule(self.module, self.config)
+        return self._datamodule
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        train_dataloader: Iterable | pl.LightningDataModule | None = None,
+        val_dataloader: Iterable | None = None,
+        ckpt_path: str | None = None,
+    ) -> dict[str, float]:
+        """Optimise the soft prompt; write ``last.ckpt``, ``soft_prompt/`` and ``metrics.json``.
+
+        Args:
+            train_dataloader: any DataLoader (or iterable of batches) yielding raw texts (a list of
+                strings per batch, or dicts with a ``text`` list) or tokenized batches (dicts with
+                ``input_ids`` and optionally ``attention_mask``); or the project's datamodule or
+                one of its loaders; ``None`` uses the category texts of ``config.data``. In a
+                data-parallel run each batch is a global batch: every rank takes its own slice.
+            val_dataloader: the same kinds, for validation (with the project's datamodule its
+                held-out texts are used).
+            ckpt_path: resume from this checkpoint (``"last"``: this run's ``last.ckpt``).
+
+        Returns:
+            The last training divergence and, when there is validation data, the validation
+            metrics (``val/divergence`` with the soft prompt, ``val/divergence_no_prompt``).
+        """
+        if not self._has_trained:
+            check_run_dir(self.output_dir, self._with_resume(ckpt_path))
+        pl.seed_everything(self.config.seed, workers=True)
+        fit_data, validate_data = self._fit_data(train_dataloader, val_dataloader)
+        overrides = {"enable_model_summary": False} | self.trainer_kwargs
+        if validate_data is None:
+            overrides.setdefault("limit_val_batches", 0)
+        trainer = build_trainer(self.config, self.output_dir, **overrides)
+        self.lightning_trainer = trainer
+        trainer.fit(self.module, **fit_data, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(self.checkpoint_path)
+        self._has_trained = True
+        metrics = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("train/")
+        }
+        if validate_data is not None:
+            results = trainer.validate(self.module, **validate_data, verbose=False)
+            metrics |= {key: float(value) for key, value in results[0].items()}
+        if trainer.is_global_zero:
+            self.module.save_soft_prompt(self.output_dir / "soft_prompt")
+            write_json(self.output_dir / "metrics.json", metrics | {"environment": environment()})
+        # Lightning hands the module back on the CPU; the pair stays where it is. Keep the prompt
+        # with the pair, so using the module afterwards never drags a large pair to the CPU.
+        self.module.to(self.pair.device)
+        return metrics
+
+    def _with_resume(self, ckpt_path: str | None) -> TrainConfig:
+        return replace(self.config, ckpt_path=ckpt_path or self.config.ckpt_path)
+
+    def _fit_data(self, train, val) -> tuple[dict, dict | None]:
+        if train is None or isinstance(train, pl.LightningDataModule):
+            datamodule = train if train is not None else self.datamodule
+            if isinstance(datamodule, CategoryTextDataModule):
+                self._datamodule = datamodule
+            return {"datamodule": datamodule}, {"datamodule": datamodule}
+        max_length = fit_to_context(self.config.data.max_length, self.module.max_text_length)
+        batches = {
+            name: TokenizedBatches(loader, self.tokenizer, max_length)
+            for name, loader in (("train", train), ("val", val))
+            if loader is not None
+        }
+        self._user_texts = {name: b.seen_texts for name, b in batches.items()}
+        fit = {"train_dataloaders": batches["train"]}
+        if "val" not in batches:
+            return fit, None
+        return fit | {"val_dataloaders": batches["val"]}, {"dataloaders": batches["val"]}
+
+    # ------------------------------------------------------------------ the divergent dataset
+    def generate_divergent_dataset(
+        self,
+        output_file: str | os.PathLike | None = None,
+        prompts: Iterable[str] | Iterable[tuple[str, str]] | None = None,
+        num_prompts: int | None = None,
+    ) -> list[dict]:
+        """Score candidate prompts *without* the soft prompt and write the divergent dataset.
+
+        Candidates are ``prompts`` when given; otherwise the texts of the validation loader passed
+        to :meth:`train` (else of its training loader); otherwise the held-out category texts of
+        ``config.data``. Both models continue each one (``config.generation``), records are sorted
+        by ``metrics.kl_divergence``, highest first.
+
+        Args:
+            output_file: where to write; ``.pt`` (``torch.load(path, weights_only=True)``) and
+                ``.jsonl`` are both written, side by side with the same stem. Default:
+                ``<output_dir>/divergent_dataset.pt``.
+            prompts: texts, or ``(category, text)`` pairs, to score.
+            num_prompts: how many candidates at most (default ``config.generation.num_prompts``).
+
+        Returns:
+            The records (see :mod:`soft_prompting.generation` for the schema).
+        """
+        gen = self.config.generation
+        limit = num_prompts or gen.num_prompts
+        candidates = self._candidates(prompts, limit)
+        if not candidates:
+            raise DataError("no candidate prompts to score: pass prompts=[...] or train first")
+        settings = SamplingSettings(
+            gen.max_length,
+            gen.num_generations_per_prompt,
+            gen.temperature,
+            gen.top_p,
+            gen.batch_size,
+        )
+        provenance = {
+            "model_1_name": self.config.model_pair.model_1_name,
+            "model_2_name": self.config.model_pair.model_2_name,
+            "soft_prompt_checkpoint": str(self.checkpoint_path) if self._has_trained else None,
+            "seed": self.config.seed,
+        }
+        records = build_divergent_dataset(
+            self.pair, candidates, settings, provenance, seed=self.config.seed
+        )
+        if output_file is None:
+            write_divergent_dataset(records, self.output_dir)
+        else:
+            target = Path(output_file)
+            write_torch(target.with_suffix(".pt"), records)
+            write_jsonl(target.with_suffix(".jsonl"), records)
+        return records
+
+    def _candidates(self, prompts, limit: int) -> list[tuple[str, str]]:
+        if prompts is not None:
+            pairs = [(USER_CATEGORY, p) if isinstance(p, str) else tuple(p) for p in prompts]
+            return pairs[:limit]
+        texts = self._user_texts.get("val") or self._user_texts.get("train")
+        if texts:
+            return balanced_prompts({USER_CATEGORY: texts}, limit, self.config.seed)
+        self.datamodule.setup("validate")
+        return balanced_prompts(self.datamodule.texts_by_category("val"), limit, self.config.seed)
+
+    def save_soft_prompt(self, directory: str | os.PathLike) -> Path:
+        """Write the prompt as a PEFT prompt-tuning adapter (see ``DivergenceModule``)."""
+        return self.module.save_soft_prompt(directory)
+
+
+class TokenizedBatches:
+    """Any loader's batches in the module's shape: ``input_ids`` and ``attention_mask`` tensors.
+
+    Raw texts (a list of strings per batch, as PyTorch's default collate makes of a dataset of
+    strings, or a dict with a ``text`` list) are tokenized, left-padded and cut to ``max_length``;
+    tokenized dicts pass through (a missing ``attention_mask`` means every token counts). In a
+    data-parallel run each rank keeps its own slice ``[rank::world]`` of every batch, as the
+    project's datamodule does. The texts served are remembered (``seen_texts``, at most
+    ``max_remembered``) as candidates for the divergent dataset.
+    """
+
+    def __init__(self, loader: Iterable, tokenizer, max_length: int, max_remembered: int = 10_000):
+        self.loader = loader
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_remembered = max_remembered
+        self.seen_texts: list[str] = []
+        self._seen: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        rank, world = _rank_and_world()
+        for batch in self.loader:
+            yield self.convert(batch, rank, world)
+
+    def convert(self, batch, rank: int = 0, world: int = 1) -> dict:
+        if isinstance(batch, str):
+            batch = [batch]
+        if isinstance(batch, Mapping) and "input_ids" not in batch and "text" in batch:
+            batch = batch["text"]
+        if isinstance(batch, list | tuple) and all(isinstance(t, str) for t in batch):
+            return self._tokenize(list(batch)[rank::world])
+        if isinstance(batch, Mapping) and "input_ids" in batch:
+            input_ids = torch.as_tensor(batch["input_ids"])
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask)
+            if input_ids.ndim != 2 or mask.shape != input_ids.shape:
+                raise DataError(
+                    f"a tokenized batch needs 2-D input_ids and attention_mask of one shape, got "
+                    f"{tuple(input_ids.shape)} and {tuple(mask.shape)}: tokenize with "
+                    "padding=True, return_tensors='pt'"
+                )
+            input_ids, mask = input_ids[rank::world], mask[rank::world]
+            self._remember(self.tokenizer.batch_decode(input_ids, skip_special_tokens=True))
+            return {"input_ids": input_ids, "attention_mask": mask}
+        raise DataError(
+            f"cannot train on a batch of type {type(batch).__name__}: the DataLoader must yield "
+            "lists of strings, dicts with a 'text' list, or dicts with 'input_ids' (and "
+            "'attention_mask') tensors"
+        )
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        self._remember(texts)
+        self.tokenizer.padding_side = "left"
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _remember(self, texts: list[str]) -> None:
+        for text in texts:
+            text = text.strip()
+            if text and text not in self._seen and len(self.seen_texts) < self.max_remembered:
+                self._seen.add(text)
+                self.seen_texts.append(text)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _config_mapping(config) -> dict:
+    """Any accepted config as a plain dict (not yet validated)."""
+    if config is None:
+        return {}
+    if isinstance(config, TrainConfig):
+        return asdict(config)
+    if isinstance(config, str | os.PathLike):
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        config = OmegaConf.load(path)
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise ConfigError(
+        f"config of type {type(config).__name__}: pass a YAML path, a dict, a TrainConfig or a "
+        "Hydra config"
+    )
+
+
+def _frozen_pair(model_1, model_2, tokenizer) -> ModelPair:
+    """The user's models frozen and in eval mode, the tokenizer set up as the loader would."""
+    for model in (model_1, model_2):
+        model.requires_grad_(False)
+        model.eval()
+    if tokenizer.pad_token is None:
+        # Padding is always masked out, so any id works; eos is the conventional stand-in.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    pair = ModelPair(model_1, model_2, tokenizer)
+    check_compatible(pair, tokenizer)
+    return pair
+
+
+def _model_name(model, key: str) -> str:
+    name = getattr(model, "name_or_path", "") or ""
+    if not name:
+        log.warning(
+            "%s has no name_or_path: its checkpoint cannot rebuild the pair by itself; pass "
+            "model_pair.%s in config to fix that",
+            key.replace("_name", ""),
+            key,
+        )
+        return "<in-memory model>"
+    return str(name)

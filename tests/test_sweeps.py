@@ -1,0 +1,200 @@
+"""Hydra sweeps of the train entrypoint: multirun, the Optuna preset with a storage, the submitit
+launcher (its local executor), and jobs that free their models and close their W&B run."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict, read_write
+
+from soft_prompting.config import register_configs
+
+register_configs()
+
+
+def tiny_overrides(tiny_pair_dirs, text_dir) -> list[str]:
+    """A run of a few seconds on the tiny pair."""
+    return [
+        "model_pair=custom",
+        f"model_pair.model_1_name={tiny_pair_dirs[0]}",
+        f"model_pair.model_2_name={tiny_pair_dirs[1]}",
+        f"data.text_dir={text_dir}",
+        "data.max_texts_per_category=12",
+        "training.batch_size=4",
+        "training.max_steps=2",
+        "training.accelerator=cpu",
+        "write_dataset=false",
+    ]
+
+
+def multirun(sweep_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "soft_prompting.train",
+        "-m",
+        f"hydra.sweep.dir={sweep_dir}",
+        *overrides,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def job_results(sweep_dir: Path) -> dict[int, dict]:
+    """Per job number: its soft prompt's shape and its metrics."""
+    results = {}
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
+        ckpt = torch.load(metrics_file.parent / "checkpoints" / "last.ckpt", weights_only=True)
+        results[int(metrics_file.parent.name)] = {
+            "shape": tuple(ckpt["state_dict"]["soft_prompt"].shape),
+            "metrics": json.loads(metrics_file.read_text()),
+        }
+    return results
+
+
+def compose_hydra(overrides: list[str]):
+    with initialize_config_module(config_module="soft_prompting.conf", version_base=None):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "target"),
+    [
+        ("hydra/launcher=slurm", "SlurmLauncher"),
+        ("hydra/launcher=submitit_slurm", "SlurmLauncher"),
+        ("hydra/launcher=submitit_local", "LocalLauncher"),
+        ("hparams_search=optuna", "OptunaSweeper"),
+    ],
+)
+def test_sweep_presets_compose(override, target):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_hydra([override])
+    node = cfg.hydra.sweeper if "sweeper" in target.lower() else cfg.hydra.launcher
+    assert node._target_.endswith(target)
+    if override == "hparams_search=optuna":
+        assert cfg.hydra.sweeper.direction == "maximize"
+        assert set(cfg.hydra.sweeper.params) == {
+            "training.num_soft_prompt_tokens",
+            "training.learning_rate",
+        }
+
+
+@pytest.mark.slow
+def test_multirun_trains_one_prompt_per_sweep_point(tiny_pair_dirs, text_dir, tmp_path):
+    overrides = tiny_overrides(tiny_pair_dirs, text_dir) + ["training.num_soft_prompt_tokens=2,4"]
+    multirun(tmp_path, overrides)
+    results = job_results(tmp_path)
+    assert {job: r["shape"] for job, r in results.items()} == {0: (2, 32), 1: (4, 32)}
+    assert all(r["metrics"]["val/divergence"] > 0 for r in results.values())
+
+
+@pytest.mark.slow
+def test_optuna_sweep_keeps_its_study_in_the_storage(tiny_pair_dirs, text_dir, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = tiny_overrides(tiny_pair_dirs, text_dir) + [
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        "name=tiny_study",
+    ]
+    multirun(tmp_path / "sweep", overrides)
+    study = optuna.load_study(study_name="tiny_study", storage=storage)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 2
+    results = job_results(tmp_path / "sweep")
+    # Each trial's value is what its job's train entrypoint returned: val/divergence.
+    assert sorted(t.value for t in trials) == pytest.approx(
+        sorted(r["metrics"]["val/divergence"] for r in results.values())
+    )
+    assert {r["shape"][0] for r in results.values()} <= {4, 8, 16}
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+@pytest.mark.slow
+def test_submitit_launcher_runs_the_jobs_with_its_local_executor(
+    tiny_pair_dirs, text_dir, tmp_path
+):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    overrides = tiny_overrides(tiny_pair_dirs, text_dir) + [
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "training.num_soft_prompt_tokens=2,3",
+    ]
+    multirun(tmp_path, overrides)
+    assert (tmp_path / ".submitit").is_dir()
+    results = job_results(tmp_path)
+    assert {job: r["shape"] for job, r in results.items()} == {0: (2, 32), 1: (3, 32)}
+
+
+def run_job_in_process(overrides: list[str], run_dir: Path) -> float:
+    """One job the way Hydra's basic launcher runs it: in this process, after the previous one."""
+    from soft_prompting import train as train_entrypoint
+
+    cfg = compose_hydra(overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    task_cfg = copy.deepcopy(cfg)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    try:
+        return train_entrypoint.main(task_cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+def test_each_job_frees_its_models_and_closes_its_wandb_run(
+    tiny_pair_dirs, text_dir, tmp_path, monkeypatch
+):
+    wandb = pytest.importorskip("wandb")
+    from soft_prompting.models import ModelPairManager
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    loaded = []
+    original_load = ModelPairManager._load
+
+    def recording_load(self, *args):
+        pair = original_load(self, *args)
+        loaded.append(weakref.ref(pair.model_1))
+        return pair
+
+    monkeypatch.setattr(ModelPairManager, "_load", recording_load)
+    ModelPairManager.clear_cache()  # pairs cached by earlier tests would not be loaded again
+    runs = []
+    original_init = wandb.init
+    monkeypatch.setattr(
+        wandb, "init", lambda *a, **k: runs.append(original_init(*a, **k)) or runs[-1]
+    )
+    for tokens in (2, 3):
+        overrides = tiny_overrides(tiny_pair_dirs, text_dir) + [
+            f"training.num_soft_prompt_tokens={tokens}",
+            "wandb.enabled=true",
+            "wandb.mode=offline",
+        ]
+        run_job_in_process(overrides, tmp_path / f"job_{tokens}")
+        gc.collect()
+        assert wandb.run is None, "the job's W&B run must be finished before the next job"
+        assert ModelPairManager._cache == {}
+        assert all(ref() is None for ref in loaded), "the job's models must be freed"
+        assert len(list((tmp_path / f"job_{tokens}" / "wandb").glob("offline-run-*"))) == 1
+    assert len(loaded) == 2  # the second job loaded its own pair
+    assert len(runs) == 2 and runs[0].id != runs[1].id  # no job logged into another's run
+    assert [run.config["training"]["num_soft_prompt_tokens"] for run in runs] == [2, 3]
