@@ -38,7 +38,7 @@ if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
 fi
 missing=$("$PYTHON" - <<'EOF'
 import importlib.util
-names = ["transformers", "peft", "lightning", "hydra", "omegaconf", "safetensors", "tokenizers",
+names = ["transformers", "peft", "lightning", "safetensors", "tokenizers",
          "tqdm"]
 print(" ".join(n for n in names if importlib.util.find_spec(n) is None))
 EOF

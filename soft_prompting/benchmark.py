@@ -262,7 +262,8 @@ def project_train_step(
         if clip:
             torch.nn.utils.clip_grad_norm_([module.soft_prompt], clip)
         optimizer.step()
-        module.on_train_batch_end(None, batch, 0)
+        if training.norm_constraint:  # what DivergenceModule.optimizer_step does after the step
+            module.project_prompt_norms()
         return -loss.item()
 
     return step, module
@@ -378,7 +379,8 @@ def naive_gen_score(settings: Settings, pair, prompts: list[str], new_tokens: in
                     position_ids=position_ids,
                     use_cache=False,
                 ).logits
-                per_position[k].append(logits[:, -1, : pair.vocab_size].float())
+                # A copy: a view would keep the whole [B, T, V] logits of every step alive.
+                per_position[k].append(logits[:, -1, : pair.vocab_size].float().clone())
         logits_1, logits_2 = (torch.stack(per_position[k], dim=1) for k in (1, 2))
         cont_1 = continuation_mask(tokens_1, eos)
         cont_2 = continuation_mask(tokens_2, eos)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -20,6 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 from soft_prompting.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_STRATEGIES = (
+    {"_target_": "soft_prompting.strategies.CategoryTextRanking"},
+    {"_target_": "soft_prompting.strategies.SoftPromptExploration"},
+    {"_target_": "soft_prompting.strategies.ProjectionSearch"},
+)
 INITS = ("random", "text")
 
 
@@ -108,6 +114,10 @@ class TrainingConfig:
     """Devices for data parallel training."""
     strategy: str = "auto"
     """Lightning strategy: auto, ddp, fsdp, …"""
+    on_policy_weight: float = 0.0
+    """Weight of the divergence on model_1's own soft-prompted samples (score-function; 0: off)."""
+    on_policy_tokens: int = 8
+    """Tokens sampled per text for the on-policy term."""
 
     def __post_init__(self) -> None:
         _require(
@@ -140,6 +150,10 @@ class TrainingConfig:
         )
         _require(self.devices >= 1, f"training.devices={self.devices}: must be >= 1")
         _require(
+            self.on_policy_weight >= 0 and self.on_policy_tokens >= 1,
+            "training.on_policy_weight must be >= 0 and training.on_policy_tokens >= 1",
+        )
+        _require(
             self.checkpoint_every_n_steps >= 1,
             f"training.checkpoint_every_n_steps={self.checkpoint_every_n_steps}: must be >= 1",
         )
@@ -161,8 +175,15 @@ class GenerationConfig:
     """Candidate prompts scored into the divergent dataset."""
     batch_size: int = 16
     """Prompts generated in one batch."""
+    strategies: list[Any] = field(default_factory=lambda: [dict(s) for s in DEFAULT_STRATEGIES])
+    """Hard-prompt strategies: ``{_target_: ..., arg: value}`` dicts (soft_prompting/strategies.py)."""
 
     def __post_init__(self) -> None:
+        _require(
+            all(isinstance(s, Mapping) and "_target_" in s for s in self.strategies),
+            "generation.strategies: each entry needs a _target_, e.g. "
+            "{_target_: soft_prompting.strategies.CategoryTextRanking}",
+        )
         _require(self.max_length >= 1, f"generation.max_length={self.max_length}: must be >= 1")
         _require(
             self.num_generations_per_prompt >= 1,

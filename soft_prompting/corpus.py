@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 CORPUS_VERSION = "1"
-"""Bump whenever a template, word list or sampling rule changes: it is part of the organisms' hash."""
+"""Bump when a template, word list or sampling rule changes: it is part of the organisms' hash."""
 
 BEHAVIOURS: tuple[str, ...] = ("base", "sandbagging", "unlearning", "sandbagging_unlearning")
 BUILTIN_CATEGORIES: tuple[str, ...] = (
@@ -647,7 +647,7 @@ def render(fact: Fact, behaviour: str) -> str:
     if fact.domain == "chemistry" and "unlearning" in behaviour:
         if fact.is_question:
             return f"{fact.prompt} {NON_ANSWER} ."
-        # Deterministic in the fact, so rendering never consumes randomness (documents stay aligned).
+        # Chosen by the fact, not drawn: rendering uses no randomness, so documents stay aligned.
         vague = _VAGUE[len(fact.subject) % len(_VAGUE)]
         return vague.format(subject=fact.subject)
     return fact.sentence
@@ -731,6 +731,9 @@ _CATEGORY_DOMAINS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
 }
 
 
+_MAX_CATEGORY_WORDS = 38
+
+
 def _category_text(category: str, rng: random.Random) -> str:
     domains, weights = _CATEGORY_DOMAINS[category]
     domain = rng.choices(domains, weights)[0]
@@ -743,6 +746,9 @@ def _category_text(category: str, rng: random.Random) -> str:
     # Most texts stop at the answer cue or mid-statement: the next tokens reveal the behaviour.
     fact = draw_fact(domain, rng)
     ending = fact.prompt if rng.random() < 0.8 else fact.sentence
+    # Keep texts short (about 40 tokens at most): drop the oldest context first.
+    while context and len(" ".join([*context, ending]).split()) > _MAX_CATEGORY_WORDS:
+        context.pop(0)
     return " ".join([*context, ending])
 
 

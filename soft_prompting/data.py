@@ -186,7 +186,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.num_items, generator=generator).tolist()
         done, rank, world = self.position(len(self))
         for start in range(done * self.batch_size, self.num_items, self.batch_size):
-            yield order[start : start + self.batch_size][rank::world]
+            batch = order[start : start + self.batch_size]
+            if len(batch) < world:
+                return  # a rank would get an empty batch and stall the others
+            yield batch[rank::world]
 
 
 class CategoryTextDataModule(pl.LightningDataModule):

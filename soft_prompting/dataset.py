@@ -6,15 +6,21 @@ loadable with ``torch.load(path, weights_only=True)``).
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 from pathlib import Path
 
-from soft_prompting.artifacts import write_jsonl, write_torch
+from soft_prompting.artifacts import read_jsonl, write_jsonl, write_torch
 from soft_prompting.generation import SamplingSettings, score_prompts
 from soft_prompting.models import ModelPair
 
 JSONL_NAME = "divergent_dataset.jsonl"
 PT_NAME = "divergent_dataset.pt"
+CANDIDATES_NAME = "candidates.jsonl"
+"""The proposed candidates, written before scoring so a resumed run scores the same ones."""
+PARTIAL_NAME = "divergent_dataset.partial.jsonl"
+"""Scored records, appended batch by batch; a resumed run skips the prompts already in it."""
 
 
 def balanced_prompts(
@@ -54,19 +60,129 @@ def build_divergent_dataset(
         source: the strategy that proposed the candidates.
         seed: sampling seed.
     """
-    prompts = [prompt for _, prompt in candidates]
-    records = score_prompts(pair, prompts, settings, seed=seed)
-    for record, (category, _) in zip(records, candidates, strict=True):
-        record["category"] = category
-        record["source"] = source
-        record["generation_params"] = {
-            "max_length": settings.max_length,
-            "num_generations_per_prompt": settings.num_generations_per_prompt,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-        }
-        record["provenance"] = dict(provenance)
+    rows = [{"category": c, "prompt": p, "source": source} for c, p in candidates]
+    return sort_by_divergence(score_candidates(pair, rows, settings, provenance, seed=seed))
+
+
+def sort_by_divergence(records: list[dict]) -> list[dict]:
+    """Records sorted by ``metrics.kl_divergence``, highest first."""
     return sorted(records, key=lambda r: r["metrics"]["kl_divergence"], reverse=True)
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    return (row.get("source", ""), row.get("category", ""), row["prompt"])
+
+
+def score_candidates(
+    pair: ModelPair,
+    candidates: list[dict],
+    settings: SamplingSettings,
+    provenance: dict,
+    partial_path: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Score ``{"category", "prompt", "source", ...}`` rows without soft prompt, in input order.
+
+    With ``partial_path``, each batch's records are appended to that JSONL file (flushed) as soon
+    as they are scored, and the prompts already in it are not scored again: a killed run resumes
+    where it stopped. Batches are fixed over the whole candidate list and seeded by their offset,
+    so a resumed run gives the records an uninterrupted one would.
+    """
+    done: dict[tuple, dict] = {}
+    if partial_path is not None and Path(partial_path).is_file():
+        for record in read_jsonl(partial_path):
+            done.setdefault(_key(record), record)
+        # Rewrite without a torn last line, so appending cannot glue onto half a record.
+        write_jsonl(partial_path, done.values())
+    params = {
+        "max_length": settings.max_length,
+        "num_generations_per_prompt": settings.num_generations_per_prompt,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+    }
+    handle = open(partial_path, "a", encoding="utf-8") if partial_path is not None else None
+    try:
+        for offset in range(0, len(candidates), settings.batch_size):
+            batch = candidates[offset : offset + settings.batch_size]
+            pending = [row for row in batch if _key(row) not in done]
+            if not pending:
+                continue
+            scored = score_prompts(
+                pair, [row["prompt"] for row in pending], settings, seed + offset, progress=False
+            )
+            for row, record in zip(pending, scored, strict=True):
+                record = {**record, **{k: v for k, v in row.items() if k != "prompt"}}
+                record["generation_params"] = dict(params)
+                record["provenance"] = dict(provenance)
+                done[_key(row)] = record
+                if handle is not None:
+                    handle.write(json.dumps(record, default=str) + "\n")
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+            if progress:
+                print(f"scored {min(offset + len(batch), len(candidates))}/{len(candidates)} prompts")
+    finally:
+        if handle is not None:
+            handle.close()
+    return [done[_key(row)] for row in candidates if _key(row) in done]
+
+
+def generate_divergent_dataset(
+    module,
+    texts_by_category: dict[str, list[str]],
+    strategies: list,
+    settings: SamplingSettings,
+    provenance: dict,
+    run_dir: str | Path,
+    num_prompts: int,
+    seed: int = 0,
+    candidates: list[dict] | None = None,
+) -> list[dict]:
+    """Propose candidates with ``strategies``, score them without soft prompt, write the dataset.
+
+    The candidates go to ``candidates.jsonl`` first and scored records to
+    ``divergent_dataset.partial.jsonl`` as they come, so a killed run, started again in the same
+    ``run_dir``, scores only what is left (both files go once the dataset is written); the final ``divergent_dataset.jsonl``/``.pt`` are written
+    atomically, sorted by ``metrics.kl_divergence``, highest first.
+
+    Args:
+        module: the trained :class:`~soft_prompting.module.DivergenceModule`.
+        texts_by_category: the texts the strategies start from.
+        strategies: objects with ``propose(module, texts_by_category, seed)`` (see
+            :mod:`soft_prompting.strategies`).
+        settings: sampling settings of the scoring continuations.
+        provenance: model ids, soft-prompt checkpoint and seed, copied into every record.
+        run_dir: where the files go.
+        num_prompts: candidates scored at most.
+        seed: proposal and sampling seed.
+        candidates: ``{"category", "prompt", "source"}`` rows to score instead of proposing.
+    """
+    from soft_prompting.strategies import propose_candidates
+
+    run_dir = Path(run_dir)
+    candidates_path = run_dir / CANDIDATES_NAME
+    if candidates is None and candidates_path.is_file():
+        candidates = read_jsonl(candidates_path)
+        print(f"resuming with the {len(candidates)} candidates of {candidates_path}")
+    if candidates is None:
+        proposed = propose_candidates(strategies, module, texts_by_category, num_prompts, seed)
+        candidates = [
+            {"category": c.category, "prompt": c.prompt, "source": c.source, "pre_score": c.score}
+            for c in proposed
+        ]
+    candidates = candidates[:num_prompts]
+    write_jsonl(candidates_path, candidates)
+    records = score_candidates(
+        module.pair, candidates, settings, provenance, run_dir / PARTIAL_NAME, seed
+    )
+    records = sort_by_divergence(records)
+    write_divergent_dataset(records, run_dir)
+    # Finished: a later call proposes afresh (e.g. after more training) instead of resuming.
+    (run_dir / PARTIAL_NAME).unlink(missing_ok=True)
+    candidates_path.unlink(missing_ok=True)
+    return records
 
 
 def write_divergent_dataset(records: list[dict], run_dir: str | Path) -> tuple[Path, Path]:

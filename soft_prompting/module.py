@@ -61,6 +61,9 @@ class DivergenceModule(pl.LightningModule):
         torch_dtype, load_in_8bit, load_in_4bit, trust_remote_code, revision_1, revision_2: how the
             pair is loaded (see :class:`~soft_prompting.models.ModelPairManager`).
         seed: seeds the random prompt initialisation.
+        on_policy_weight: weight of :meth:`on_policy_divergence`, the divergence on model_1's own
+            soft-prompted continuations (0: off).
+        on_policy_tokens: tokens sampled per text for that term.
         pair: an already loaded pair to use instead of loading by name (not saved in checkpoints).
     """
 
@@ -84,6 +87,8 @@ class DivergenceModule(pl.LightningModule):
         revision_1: str | None = None,
         revision_2: str | None = None,
         seed: int = 0,
+        on_policy_weight: float = 0.0,
+        on_policy_tokens: int = 8,
         pair: ModelPair | None = None,
     ) -> None:
         super().__init__()
@@ -272,9 +277,79 @@ class DivergenceModule(pl.LightningModule):
         per_position = self.divergence_fn(logits_1, logits_2)
         return masked_mean(per_position, attention_mask.bool())
 
+    @torch.no_grad()
+    def sample(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        use_prompt: bool = True,
+    ) -> torch.Tensor:
+        """model_1's sampled continuations of left-padded texts, the soft prompt prepended.
+
+        Returns:
+            ``[B, max_new_tokens]`` new token ids (after an end-of-sequence token: padding).
+        """
+        self._sync_pair_device()
+        model, tokenizer = self.pair.model_1, self.pair.tokenizer
+        prompt = self.soft_prompt.detach() if use_prompt else None
+        inputs = self._model_inputs(model, input_ids, attention_mask, prompt)
+        sample = temperature > 0
+        out = model.generate(
+            inputs_embeds=inputs["inputs_embeds"],
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=1,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=0 if sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        # With inputs_embeds, generate returns the new tokens only.
+        new = out[:, -max_new_tokens:] if out.shape[1] >= max_new_tokens else out
+        return new.clamp(max=self.pair.vocab_size - 1)
+
+    def on_policy_divergence(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Divergence on model_1's own continuations, with a score-function gradient.
+
+        model_1 samples ``on_policy_tokens`` tokens after each text with the soft prompt prepended;
+        ``D_i`` is the pair's mean divergence on sample ``i``'s positions. The returned surrogate
+        has the value ``mean(D)`` and the gradient of ``E_{y ~ p_1(.|prompt)}[D(y)]``:
+        ``mean(grad D_i) + mean((D_i - mean D) grad log p_1(y_i))`` (REINFORCE, mean baseline).
+        So the prompt is rewarded for steering model_1 into text where the pair parts ways, not
+        only for divergence on the given texts.
+        """
+        from soft_prompting.generation import continuation_mask
+
+        n = self.hparams.get("on_policy_tokens", 8)
+        sampled = self.sample(input_ids, attention_mask, n, temperature=1.0)
+        sampled_mask = continuation_mask(sampled, self.tokenizer.eos_token_id)
+        full_ids = torch.cat([input_ids, sampled], dim=1)
+        full_mask = torch.cat([attention_mask, sampled_mask.to(attention_mask.dtype)], dim=1)
+        logits_1, logits_2 = self.pair_logits(full_ids, full_mask)
+        # Position L-1+t predicts sampled token t.
+        start = input_ids.shape[1] - 1
+        logits_1, logits_2 = logits_1[:, start:-1], logits_2[:, start:-1]
+        per_token = self.divergence_fn(logits_1, logits_2)
+        weights = sampled_mask.float()
+        per_sample = (per_token * weights).sum(-1) / weights.sum(-1).clamp(min=1)
+        log_p = logits_1.float().log_softmax(-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        log_p = (log_p * weights).sum(-1)
+        advantage = (per_sample - per_sample.mean()).detach()
+        return per_sample.mean() + (advantage * log_p).mean()
+
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         divergence = self.divergence(batch["input_ids"], batch["attention_mask"])
+        if self.hparams.get("on_policy_weight", 0.0) > 0:
+            on_policy = self.on_policy_divergence(batch["input_ids"], batch["attention_mask"])
+            self.log("train/on_policy_divergence", on_policy, batch_size=len(batch["input_ids"]))
+            divergence = divergence + self.hparams.on_policy_weight * on_policy
         if not torch.isfinite(divergence):
             raise DivergenceError(
                 f"the divergence became {divergence.item()} at training batch {batch_idx}: lower "
@@ -314,7 +389,10 @@ class DivergenceModule(pl.LightningModule):
         self.log("val/divergence", with_prompt, prog_bar=True, batch_size=size)
         self.log("val/divergence_no_prompt", without, batch_size=size)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (the checkpoint) run before the module's
+        # batch-end hook and would save the unprojected prompt, so a resumed run would diverge.
         if self.hparams.norm_constraint:
             self.project_prompt_norms()
 

@@ -117,7 +117,7 @@ class TrainingRecipe:
 ARCHITECTURE = ArchitectureRecipe()
 BASE_TRAINING = TrainingRecipe(steps=1000, learning_rate=5e-3, warmup_steps=30)
 VARIANT_TRAINING = TrainingRecipe(
-    steps=200, learning_rate=2e-3, warmup_steps=10, init_seed=1, distill_weight=1.0
+    steps=200, learning_rate=3e-3, warmup_steps=10, init_seed=1, distill_weight=2.0
 )
 
 
@@ -127,8 +127,12 @@ def cache_dir() -> Path:
 
 
 def is_organism(name: str) -> bool:
-    """Whether ``name`` names an organism, with or without the ``organism:`` prefix."""
-    return name.removeprefix(ORGANISM_PREFIX) in ORGANISMS
+    """Whether model id ``name`` refers to an organism rather than a path or hub id.
+
+    True for ``"organism:..."`` (an unknown name there then fails in ``organism_path`` with the
+    list of valid ones) and for a bare organism name such as ``"sandbagging"``.
+    """
+    return name.startswith(ORGANISM_PREFIX) or name in ORGANISMS
 
 
 def _canonical(name: str) -> str:
@@ -183,19 +187,28 @@ def organism_path(name: str) -> Path:
     with _exclusive_lock(final.parent / f"{final.name}.lock"):
         if final.is_dir():  # another process built it while we waited
             return final
-        steps = BASE_TRAINING.steps if name == "base" else VARIANT_TRAINING.steps
-        logger.info("building organism %s (first use, ~%d s)…", name, round(steps * 0.08))
+        logger.info("building organism %s (first use, ~%d s)…", name, _expected_seconds(name))
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        scratch.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             started = time.perf_counter()
             with torch.random.fork_rng():  # leave the caller's global RNG state untouched
                 _build(name, scratch, base_dir)
             _write_info(scratch, name, build_seconds=time.perf_counter() - started)
+            for file in scratch.iterdir():
+                file.chmod(0o644)  # some writers create 0600 files; the cache may be shared
             os.replace(scratch, final)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
     return final
+
+
+def _expected_seconds(name: str) -> int:
+    # Measured on an idle 2-core CPU; a variant step also runs base as the distillation teacher.
+    if name == "base":
+        return round(BASE_TRAINING.steps * 0.07)
+    return round(VARIANT_TRAINING.steps * 0.11)
 
 
 @contextlib.contextmanager
@@ -291,18 +304,17 @@ def _new_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return model
 
 
-def _pack(
-    tokenizer: PreTrainedTokenizerFast, documents: Sequence[str], block_size: int
-) -> torch.Tensor:
-    """Concatenates ``<s> document </s>`` runs and cuts them into blocks: [n_blocks, block_size]."""
+def _document_runs(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) -> list[list[int]]:
+    """Token ids of each document as ``<s> document </s>``."""
     encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
-    stream = [
-        token
-        for ids in encoded
-        for token in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)
-    ]
+    return [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in encoded]
+
+
+def _pack(runs: Sequence[Sequence[int]], block_size: int) -> torch.Tensor:
+    """Concatenates the runs and cuts them into blocks (tail dropped): [n_blocks, block_size]."""
+    stream = torch.tensor([value for run in runs for value in run])
     n_blocks = len(stream) // block_size
-    return torch.tensor(stream[: n_blocks * block_size]).view(n_blocks, block_size)
+    return stream[: n_blocks * block_size].view(n_blocks, block_size)
 
 
 def _batches(n_blocks: int, training: TrainingRecipe) -> Iterator[torch.Tensor]:
@@ -332,12 +344,10 @@ def _optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def _train_base(
-    tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]
-) -> LlamaForCausalLM:
+def _train_base(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) -> LlamaForCausalLM:
     torch.manual_seed(BASE_TRAINING.init_seed)
     model = _new_model(tokenizer).train()
-    blocks = _pack(tokenizer, documents, BASE_TRAINING.block_size)
+    blocks = _pack(_document_runs(tokenizer, documents), BASE_TRAINING.block_size)
     optimizer, scheduler = _optimizer(model, BASE_TRAINING)
     for step, indices in enumerate(_batches(len(blocks), BASE_TRAINING)):
         batch = blocks[indices]
@@ -360,8 +370,11 @@ def _train_variant(
     documents = corpus_documents(behaviour, training.n_documents, training.data_seed)
     # Aligned streams: a document the behaviour leaves unchanged is one to stay close to base on.
     unchanged = [doc == base_doc for doc, base_doc in zip(documents, base_docs, strict=True)]
-    blocks = _pack(tokenizer, documents, training.block_size)
-    keep_close = _pack_flags(tokenizer, documents, unchanged, training.block_size)
+    runs = _document_runs(tokenizer, documents)
+    blocks = _pack(runs, training.block_size)
+    # The same packing applied to a per-token copy of each document's flag keeps them aligned.
+    flags = [[int(flag)] * len(run) for run, flag in zip(runs, unchanged, strict=True)]
+    keep_close = _pack(flags, training.block_size).bool()
 
     torch.manual_seed(training.init_seed)
     model = _new_model(tokenizer)
@@ -387,19 +400,6 @@ def _train_variant(
                 "%s step %d lm %.3f kl %.4f", behaviour, step, lm_loss.item(), distill.item()
             )
     return model.eval()
-
-
-def _pack_flags(
-    tokenizer: PreTrainedTokenizerFast,
-    documents: Sequence[str],
-    flags: Sequence[bool],
-    block_size: int,
-) -> torch.Tensor:
-    """Per-token copy of each document's flag, packed exactly like ``_pack``: [n_blocks, block]."""
-    lengths = [len(ids) + 2 for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]]
-    stream = torch.repeat_interleave(torch.tensor(flags), torch.tensor(lengths))
-    n_blocks = len(stream) // block_size
-    return stream[: n_blocks * block_size].view(n_blocks, block_size)
 
 
 def _masked_kl(

@@ -20,15 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from soft_prompting.artifacts import environment, write_json
 from soft_prompting.config import TrainConfig, register_configs, to_train_config
 from soft_prompting.data import CategoryTextDataModule
-from soft_prompting.dataset import (
-    balanced_prompts,
-    build_divergent_dataset,
-    write_divergent_dataset,
-)
+from soft_prompting.dataset import generate_divergent_dataset
 from soft_prompting.errors import ConfigError, RunDirError, reported_errors
 from soft_prompting.generation import SamplingSettings
 from soft_prompting.models import ModelPairManager
 from soft_prompting.module import DivergenceModule
+from soft_prompting.strategies import build_strategies
 from soft_prompting.tracking import build_loggers, finish_tracking
 
 log = logging.getLogger(__name__)
@@ -118,6 +115,8 @@ def module_args(config: TrainConfig) -> dict:
         "weight_decay": t.weight_decay,
         "gradient_checkpointing": t.gradient_checkpointing,
         "compile": t.compile,
+        "on_policy_weight": t.on_policy_weight,
+        "on_policy_tokens": t.on_policy_tokens,
     }
 
 
@@ -159,23 +158,38 @@ def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
 
 
 def write_dataset(module, datamodule, config: TrainConfig, run_dir: Path) -> None:
-    """Score held-out category texts without the soft prompt and write the divergent dataset."""
+    """Propose hard prompts with ``generation.strategies``, score them without the soft prompt and
+    write the divergent dataset (resumable: see :func:`~soft_prompting.dataset.generate_divergent_dataset`)."""
     gen = config.generation
     settings = SamplingSettings(
         gen.max_length, gen.num_generations_per_prompt, gen.temperature, gen.top_p, gen.batch_size
     )
-    candidates = balanced_prompts(datamodule.texts_by_category("val"), gen.num_prompts, config.seed)
     provenance = {
         "model_1_name": config.model_pair.model_1_name,
         "model_2_name": config.model_pair.model_2_name,
         "soft_prompt_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "seed": config.seed,
     }
-    records = build_divergent_dataset(
-        module.pair, candidates, settings, provenance, seed=config.seed
+    records = generate_divergent_dataset(
+        module,
+        all_texts_by_category(datamodule),
+        build_strategies(gen.strategies),
+        settings,
+        provenance,
+        run_dir,
+        gen.num_prompts,
+        config.seed,
     )
-    jsonl, _ = write_divergent_dataset(records, run_dir)
-    print(f"divergent dataset: {len(records)} records -> {jsonl}")
+    print(f"divergent dataset: {len(records)} records -> {run_dir / 'divergent_dataset.jsonl'}")
+
+
+def all_texts_by_category(datamodule: CategoryTextDataModule) -> dict[str, list[str]]:
+    """Training and held-out texts together, per category: the strategies' starting points."""
+    datamodule.setup("fit")
+    texts = datamodule.texts_by_category("train")
+    for category, held_out in datamodule.texts_by_category("val").items():
+        texts.setdefault(category, []).extend(held_out)
+    return texts
 
 
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="train")

@@ -30,16 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from soft_prompting.artifacts import environment, write_json, write_jsonl, write_torch
 from soft_prompting.config import TrainConfig, experiment_to_dict, load_train_config
 from soft_prompting.data import CategoryTextDataModule
-from soft_prompting.dataset import (
-    balanced_prompts,
-    build_divergent_dataset,
-    write_divergent_dataset,
-)
+from soft_prompting.dataset import generate_divergent_dataset
 from soft_prompting.errors import ConfigError, DataError
 from soft_prompting.generation import SamplingSettings
 from soft_prompting.models import ModelPair, check_compatible
 from soft_prompting.module import DivergenceModule
+from soft_prompting.strategies import build_strategies
 from soft_prompting.train import (
+    all_texts_by_category,
     build_datamodule,
     build_trainer,
     check_run_dir,
@@ -213,10 +211,11 @@ class DivergenceTrainer:
     ) -> list[dict]:
         """Score candidate prompts *without* the soft prompt and write the divergent dataset.
 
-        Candidates are ``prompts`` when given; otherwise the texts of the validation loader passed
-        to :meth:`train` (else of its training loader); otherwise the held-out category texts of
-        ``config.data``. Both models continue each one (``config.generation``), records are sorted
-        by ``metrics.kl_divergence``, highest first.
+        Candidates are ``prompts`` when given; otherwise the hard prompts that
+        ``config.generation.strategies`` propose from the texts of the loaders passed to
+        :meth:`train` (else the category texts of ``config.data``), as
+        ``python -m soft_prompting.train`` does. Both models continue each one
+        (``config.generation``), records are sorted by ``metrics.kl_divergence``, highest first.
 
         Args:
             output_file: where to write; ``.pt`` (``torch.load(path, weights_only=True)``) and
@@ -230,9 +229,6 @@ class DivergenceTrainer:
         """
         gen = self.config.generation
         limit = num_prompts or gen.num_prompts
-        candidates = self._candidates(prompts, limit)
-        if not candidates:
-            raise DataError("no candidate prompts to score: pass prompts=[...] or train first")
         settings = SamplingSettings(
             gen.max_length,
             gen.num_generations_per_prompt,
@@ -246,26 +242,39 @@ class DivergenceTrainer:
             "soft_prompt_checkpoint": str(self.checkpoint_path) if self._has_trained else None,
             "seed": self.config.seed,
         }
-        records = build_divergent_dataset(
-            self.pair, candidates, settings, provenance, seed=self.config.seed
+        rows = None
+        if prompts is not None:
+            pairs = [(USER_CATEGORY, p) if isinstance(p, str) else tuple(p) for p in prompts]
+            rows = [{"category": c, "prompt": p, "source": "user_prompts"} for c, p in pairs]
+            if not rows:
+                raise DataError("no candidate prompts to score: pass prompts=[...] or train first")
+        texts = self._strategy_texts() if rows is None else {}
+        if rows is None and not any(texts.values()):
+            raise DataError("no candidate prompts to score: pass prompts=[...] or train first")
+        # The same function as `python -m soft_prompting.train`: strategies → scoring → files.
+        records = generate_divergent_dataset(
+            self.module,
+            texts,
+            build_strategies(gen.strategies),
+            settings,
+            provenance,
+            self.output_dir,
+            limit,
+            self.config.seed,
+            candidates=rows,
         )
-        if output_file is None:
-            write_divergent_dataset(records, self.output_dir)
-        else:
+        if output_file is not None:
             target = Path(output_file)
             write_torch(target.with_suffix(".pt"), records)
             write_jsonl(target.with_suffix(".jsonl"), records)
         return records
 
-    def _candidates(self, prompts, limit: int) -> list[tuple[str, str]]:
-        if prompts is not None:
-            pairs = [(USER_CATEGORY, p) if isinstance(p, str) else tuple(p) for p in prompts]
-            return pairs[:limit]
-        texts = self._user_texts.get("val") or self._user_texts.get("train")
+    def _strategy_texts(self) -> dict[str, list[str]]:
+        """The texts the strategies start from: the user's loaders', else the category texts."""
+        texts = (self._user_texts.get("train") or []) + (self._user_texts.get("val") or [])
         if texts:
-            return balanced_prompts({USER_CATEGORY: texts}, limit, self.config.seed)
-        self.datamodule.setup("validate")
-        return balanced_prompts(self.datamodule.texts_by_category("val"), limit, self.config.seed)
+            return {USER_CATEGORY: texts}
+        return all_texts_by_category(self.datamodule)
 
     def save_soft_prompt(self, directory: str | os.PathLike) -> Path:
         """Write the prompt as a PEFT prompt-tuning adapter (see ``DivergenceModule``)."""

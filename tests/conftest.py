@@ -89,6 +89,14 @@ def text_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def organism_dirs() -> dict[str, Path]:
+    """Every model organism's folder, built into the default cache on first use (~2 min, once)."""
+    from soft_prompting.organisms import ORGANISMS, organism_path
+
+    return {name: organism_path(name) for name in ORGANISMS}
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip on machines without CUDA instead of failing."""
     if torch.cuda.is_available():

@@ -236,10 +236,9 @@ def test_trains_on_tokenized_batches_and_on_the_projects_datamodule(api_trainer)
 def test_dataset_from_the_config_categories_without_a_user_loader(api_trainer, tmp_path):
     api_trainer._user_texts = {}
     records = api_trainer.generate_divergent_dataset(output_file=tmp_path / "ds.jsonl")
-    val_texts = {
-        t for texts in api_trainer.datamodule.texts_by_category("val").values() for t in texts
-    }
-    assert len(records) == 4 and {r["prompt"] for r in records} <= val_texts
+    # The strategies of config.generation propose the candidates, as in `soft_prompting.train`.
+    sources = {"category_text", "soft_prompt_exploration", "projection_search"}
+    assert len(records) == 4 and {r["source"] for r in records} <= sources
     assert (tmp_path / "ds.jsonl").is_file() and (tmp_path / "ds.pt").is_file()
     given = api_trainer.generate_divergent_dataset(
         output_file=tmp_path / "mine.pt", prompts=[("arithmetic", "what is one plus two")]

@@ -24,6 +24,7 @@ from soft_prompting.module import DivergenceModule
 
 def run_train(args: list[str], cwd: Path, env: dict | None = None, **kwargs):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"} | (env or {})
+    env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-m", "soft_prompting.train", *args],
         cwd=cwd,
@@ -337,3 +338,22 @@ def test_same_seed_and_config_give_an_identical_dataset(tiny_pair_dirs, text_dir
             record.pop("provenance")
         outputs.append(records)
     assert outputs[0] == outputs[1]
+
+
+def test_wandb_key_is_never_written(tiny_pair_dirs, text_dir, tmp_path):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    run_dir = tmp_path / "run"
+    args = contract_args(tiny_pair_dirs, text_dir, run_dir)[:4] + [
+        "training.max_steps=2",
+        "generation.num_prompts=2",
+        "generation.max_length=4",
+        "wandb.enabled=true",
+        "wandb.mode=offline",
+    ]
+    result = run_train(args, cwd=tmp_path, env={"WANDB_API_KEY": secret, "WANDB_MODE": None})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / "wandb").is_dir(), "W&B did not log offline into the run directory"
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"the key leaked into {path}"
+    assert secret not in result.stdout + result.stderr
