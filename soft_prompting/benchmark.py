@@ -472,15 +472,21 @@ def memory_child(settings: Settings, variant: str) -> dict:
 
 def build_variant(settings: Settings, variant: str) -> Callable[[], object]:
     """A zero-argument callable running ``variant`` once (for the memory children)."""
-    if variant in ("train", "naive_train"):
-        fp32 = variant == "naive_train"
-        pair = build_pair(settings, torch.float32 if fp32 else None)
+    if variant == "train":
+        pair = build_pair(settings)
         batch = training_batch(settings, pair.vocab_size)
-        step, module = project_train_step(settings, pair)
-        if fp32:
-            init = module.soft_prompt.detach().clone()
-            del step, module
-            step = naive_train_step(settings, pair, init)
+        step, _ = project_train_step(settings, pair)
+        return lambda: step(batch)
+    if variant == "naive_train":
+        pair = build_pair(settings, torch.float32)
+        batch = training_batch(settings, pair.vocab_size)
+        # Only for the initial prompt: without checkpointing or compile, which would otherwise be
+        # switched on in the naive baseline's (shared) models.
+        plain = replace(settings, gradient_checkpointing=False, compile=False)
+        _, module = project_train_step(plain, pair)
+        init = module.soft_prompt.detach().clone()
+        del module
+        step = naive_train_step(settings, pair, init)
         return lambda: step(batch)
     pair = build_pair(settings)
     prompts = generation_prompts(settings, pair.vocab_size)

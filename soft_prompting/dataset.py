@@ -122,7 +122,9 @@ def score_candidates(
                 handle.flush()
                 os.fsync(handle.fileno())
             if progress:
-                print(f"scored {min(offset + len(batch), len(candidates))}/{len(candidates)} prompts")
+                print(
+                    f"scored {min(offset + len(batch), len(candidates))}/{len(candidates)} prompts"
+                )
     finally:
         if handle is not None:
             handle.close()

@@ -156,9 +156,7 @@ def score_prompts(
             rows = range(i * k, (i + 1) * k)
             texts_1 = [_decode(pair, gen_1, r) for r in rows]
             texts_2 = [_decode(pair, gen_2, r) for r in rows]
-            jaccard = [
-                vocab_jaccard_similarity(_ids(gen_1, r), _ids(gen_2, r)) for r in rows
-            ]
+            jaccard = [vocab_jaccard_similarity(_ids(gen_1, r), _ids(gen_2, r)) for r in rows]
             sample_kl = kl[rows.start : rows.stop]
             records.append(
                 {
@@ -167,10 +165,12 @@ def score_prompts(
                     "generation_2": texts_2[0],
                     "metrics": {
                         "kl_divergence": float(sample_kl.mean()),
-                        "token_disagreement_rate": float(disagreement[rows.start : rows.stop].mean()),
+                        "token_disagreement_rate": float(
+                            disagreement[rows.start : rows.stop].mean()
+                        ),
                         "vocab_jaccard_similarity": sum(jaccard) / k,
                         "disagreement_positions": positions[rows.start],
-                        "reliability": sum(a != b for a, b in zip(texts_1, texts_2)) / k,
+                        "reliability": sum(a != b for a, b in zip(texts_1, texts_2, strict=True)) / k,
                         "kl_divergence_std": float(sample_kl.std()) if k > 1 else 0.0,
                     },
                 }

@@ -129,10 +129,10 @@ def cache_dir() -> Path:
 def is_organism(name: str) -> bool:
     """Whether model id ``name`` refers to an organism rather than a path or hub id.
 
-    True for ``"organism:..."`` (an unknown name there then fails in ``organism_path`` with the
-    list of valid ones) and for a bare organism name such as ``"sandbagging"``.
+    Only the ``organism:`` prefix counts (an unknown name there then fails in ``organism_path``
+    with the list of valid ones): a local folder that happens to be called ``base`` stays a folder.
     """
-    return name.startswith(ORGANISM_PREFIX) or name in ORGANISMS
+    return name.startswith(ORGANISM_PREFIX)
 
 
 def _canonical(name: str) -> str:

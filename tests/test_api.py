@@ -103,7 +103,8 @@ def test_the_documented_snippet_works_as_written(seed_yaml, tmp_path, monkeypatc
     assert trainer.output_dir == tmp_path / "run"  # the YAML's output_dir
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "soft_prompt" / "adapter_model.safetensors").is_file()
-    assert {record["prompt"] for record in dataset} <= set(TEXTS)  # the user's own texts
+    strategies = {"category_text", "soft_prompt_exploration", "projection_search"}
+    assert dataset and {record["source"] for record in dataset} <= strategies
     kl = [record["metrics"]["kl_divergence"] for record in dataset]
     assert kl == sorted(kl, reverse=True)
     assert set(dataset[0]) >= {"prompt", "generation_1", "generation_2", "metrics"}

@@ -113,7 +113,9 @@ def test_the_evaluate_stage_runs_through_its_command_line_and_its_summary_is_rea
     monkeypatch.setattr(compare_module, "EVALUATE_MODULE", "fake_evaluate")
     job_dir = tmp_path / "animals"
     shutil.copytree(comparison_dir / "animals", job_dir)
+    shutil.rmtree(job_dir / "evaluation", ignore_errors=True)  # the real evaluate ran there
     config = CompareConfig(model_pair=pair_config(tiny_pair_dirs), bootstrap_samples=200)
+    assert compare_module.find_evaluation_summary(job_dir) is None
     assert compare_module.run_evaluation(config, "animals", job_dir)["status"] == "done"
     summary = compare_module.summarise_category(
         {"category": "animals", "run_dir": str(job_dir), "status": "trained"}, config

@@ -54,7 +54,10 @@ def test_contract_overrides_compose():
             ]
         )
     )
-    assert (config.model_pair.model_1_name, config.model_pair.model_2_name) == ("/models/a", "org/b")
+    assert (config.model_pair.model_1_name, config.model_pair.model_2_name) == (
+        "/models/a",
+        "org/b",
+    )
     assert config.data.text_dir == "/data/texts"
 
 

@@ -205,7 +205,9 @@ def test_max_length_is_fitted_to_the_models_context():
 
 
 # ---------------------------------------------------------------- numerics and checkpoints
-def test_nan_divergence_stops_with_the_batch_named_and_the_checkpoint_kept(tiny_pair_dirs, tmp_path):
+def test_nan_divergence_stops_with_the_batch_named_and_the_checkpoint_kept(
+    tiny_pair_dirs, tmp_path
+):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -284,12 +286,19 @@ def contract_args(tiny_pair_dirs, text_dir, run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkilled_training_resumes_to_the_same_prompt(tiny_pair_dirs, text_dir, tmp_path):
     straight = tmp_path / "straight"
-    assert run_train(contract_args(tiny_pair_dirs, text_dir, straight), cwd=tmp_path).returncode == 0
+    assert (
+        run_train(contract_args(tiny_pair_dirs, text_dir, straight), cwd=tmp_path).returncode == 0
+    )
 
     killed = tmp_path / "killed"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "soft_prompting.train", *contract_args(tiny_pair_dirs, text_dir, killed)],
+        [
+            sys.executable,
+            "-m",
+            "soft_prompting.train",
+            *contract_args(tiny_pair_dirs, text_dir, killed),
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -80,7 +80,7 @@ def test_unknown_names_are_rejected_with_the_valid_ones():
         builtin_category_texts("chemistry")
     with pytest.raises(ValueError, match="sandbagging_unlearning"):
         organism_path("organism:nope")
-    assert is_organism("organism:sandbagging") and is_organism("base")
+    assert is_organism("organism:sandbagging") and not is_organism("base")
     assert not is_organism("gpt2") and not is_organism("./base_model")
 
 
