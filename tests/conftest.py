@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def run_entrypoint(
+    module: str, args: list[str], cwd: Path, env: dict | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` as a user runs it, offline; ``env`` values of None are unset."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"} | (env or {})
+    env = {key: value for key, value in env.items() if value is not None}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )

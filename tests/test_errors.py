@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_pair_member
+from conftest import make_tokenizer, run_entrypoint, save_pair_member
 
 from soft_prompting.artifacts import read_records, write_jsonl
 from soft_prompting.data import load_text_dir, read_category_file
@@ -23,17 +23,7 @@ from soft_prompting.module import DivergenceModule
 
 
 def run_train(args: list[str], cwd: Path, env: dict | None = None, **kwargs):
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"} | (env or {})
-    env = {key: value for key, value in env.items() if value is not None}
-    return subprocess.run(
-        [sys.executable, "-m", "soft_prompting.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
+    return run_entrypoint("soft_prompting.train", args, cwd, env, **kwargs)
 
 
 def assert_user_error(result, *fragments: str) -> None:

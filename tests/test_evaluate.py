@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_entrypoint
 
 from soft_prompting.errors import DataError
 from soft_prompting.evaluate import is_discovery, lift, read_prompts
 
 
 def run_evaluate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "-m", "soft_prompting.evaluate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_entrypoint("soft_prompting.evaluate", args, cwd)
 
 
 def pair_args(tiny_pair_dirs, text_dir) -> list[str]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_entrypoint
 
 RECORD_KEYS = {"prompt", "generation_1", "generation_2", "category", "metrics"}
 METRIC_KEYS = {
@@ -21,15 +20,7 @@ METRIC_KEYS = {
 
 
 def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "-m", "soft_prompting.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_entrypoint("soft_prompting.train", args, cwd)
 
 
 @pytest.fixture(scope="module")
