@@ -52,6 +52,8 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
         module.save_soft_prompt(run_dir / "soft_prompt")
         write_json(run_dir / "metrics.json", metrics | {"environment": environment()})
         if config.write_dataset:
+            # Lightning's teardown left the module on the CPU; the pair would follow it there.
+            module.to(trainer.strategy.root_device)
             write_dataset(module, datamodule, config, run_dir)
     return metrics
 
