@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from soft_prompting.config import experiment_to_dict, to_overrides
+from soft_prompting.config import load_experiment_file, require_run_dir, to_overrides
 from soft_prompting.errors import ConfigError, DataError, reported_errors
 
 ENTRYPOINT = "soft_prompting.evaluate"
@@ -32,17 +32,12 @@ def command_line(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--output-dir", help="run directory (default: the YAML's output_dir)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
     args = parser.parse_args(argv)
-    if not Path(args.config).is_file():
-        raise ConfigError(f"--config {args.config!r} does not exist")
+    merged, output_dir = load_experiment_file(args.config, args.overrides, args.output_dir)
     if not Path(args.prompts_file).is_file():
         raise DataError(f"--prompts-file {args.prompts_file!r} does not exist")
-    experiment = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
-    output_dir = args.output_dir or experiment.get("output_dir")
-    if not output_dir:
-        raise ConfigError("no run directory: pass --output-dir or set output_dir in the YAML")
+    output_dir = require_run_dir(output_dir)
     merged = OmegaConf.merge(
-        experiment_to_dict(experiment),
-        experiment_to_dict(OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))),
+        merged,
         {"prompts_file": str(Path(args.prompts_file).resolve())},
         {"hydra": {"run": {"dir": str(output_dir)}}},
     )

@@ -18,8 +18,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from soft_prompting.config import experiment_to_dict, to_overrides, to_train_config
-from soft_prompting.errors import ConfigError, reported_errors
+from soft_prompting.config import (
+    load_experiment_file,
+    require_run_dir,
+    to_overrides,
+    to_train_config,
+)
+from soft_prompting.errors import reported_errors
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,19 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
     args = parser.parse_args(argv)
     with reported_errors():
-        if not Path(args.config).is_file():
-            raise ConfigError(f"--config {args.config!r} does not exist")
-        experiment = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
-        output_dir = args.output_dir or experiment.get("output_dir")
-        if not output_dir:
-            raise ConfigError("no run directory: pass --output-dir or set output_dir in the YAML")
         categories = [c for c in args.categories or [] if "=" not in c]
         extra = args.overrides + [c for c in args.categories or [] if "=" in c]
-        merged = OmegaConf.merge(
-            experiment_to_dict(experiment),
-            experiment_to_dict(OmegaConf.to_container(OmegaConf.from_dotlist(extra))),
-            {"categories": categories} if categories else {},
-        )
+        merged, output_dir = load_experiment_file(args.config, extra, args.output_dir)
+        output_dir = require_run_dir(output_dir)
+        merged = OmegaConf.merge(merged, {"categories": categories} if categories else {})
         from soft_prompting.compare import compare  # also registers the compare schema
 
         with initialize_config_module("soft_prompting.conf", version_base=None):

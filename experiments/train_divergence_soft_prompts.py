@@ -16,10 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from soft_prompting.config import experiment_to_dict, load_train_config
-from soft_prompting.errors import ConfigError, reported_errors
+from soft_prompting.config import load_experiment_file, load_train_config, require_run_dir
+from soft_prompting.errors import reported_errors
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -29,16 +27,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
     args = parser.parse_args(argv)
     with reported_errors():
-        if not Path(args.config).is_file():
-            raise ConfigError(f"--config {args.config!r} does not exist")
-        experiment = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
-        overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
-        config = load_train_config(
-            OmegaConf.merge(experiment_to_dict(experiment), experiment_to_dict(overrides))
-        )
-        output_dir = args.output_dir or experiment.get("output_dir")
-        if not output_dir:
-            raise ConfigError("no run directory: pass --output-dir or set output_dir in the YAML")
+        merged, output_dir = load_experiment_file(args.config, args.overrides, args.output_dir)
+        config = load_train_config(merged)
+        output_dir = require_run_dir(output_dir)
         from soft_prompting.models import ModelPairManager  # torch and friends: after the checks
         from soft_prompting.tracking import finish_tracking
         from soft_prompting.train import train

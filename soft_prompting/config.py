@@ -359,6 +359,30 @@ _RUN_DIR_KEYS = ("output_dir",)
 """Keys of the seed experiment YAML that say where results go, not how they are computed."""
 
 
+def load_experiment_file(
+    path: str, overrides: list[str], output_dir: str | None
+) -> tuple[dict, str | None]:
+    """A seed experiment YAML plus ``key=value`` overrides, in :class:`TrainConfig`'s layout.
+
+    Returns:
+        The merged dict and the run directory: ``output_dir`` if given, else the YAML's own (None
+        when neither names one; :func:`require_run_dir` turns that into the error).
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path!r} does not exist")
+    experiment = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    extra = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    merged = OmegaConf.merge(experiment_to_dict(experiment), experiment_to_dict(extra))
+    return OmegaConf.to_container(merged), output_dir or experiment.get("output_dir")
+
+
+def require_run_dir(run_dir: str | None) -> str:
+    """The run directory of an experiment command line, or the error that says how to give one."""
+    if not run_dir:
+        raise ConfigError("no run directory: pass --output-dir or set output_dir in the YAML")
+    return str(run_dir)
+
+
 def experiment_to_dict(experiment: Mapping) -> dict:
     """The seed README's experiment YAML, reshaped to :class:`TrainConfig`'s layout.
 
