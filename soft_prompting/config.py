@@ -56,8 +56,15 @@ class ModelPairConfig:
     """Quantise both frozen models to 4 bits (NF4) with bitsandbytes (CUDA only)."""
     trust_remote_code: bool = False
     """Run modelling code shipped with a hub repository. Off unless you trust its authors."""
+    device_map: str | None = None
+    """``split``: spread each model's decoder layers over all visible GPUs of this process, the
+    embeddings and heads on the first (for a pair too large for one GPU); null: each model whole."""
 
     def __post_init__(self) -> None:
+        _require(
+            self.device_map in (None, "split"),
+            f"model_pair.device_map={self.device_map!r}: use split or null",
+        )
         _require(
             self.torch_dtype in DTYPES,
             f"model_pair.torch_dtype={self.torch_dtype!r}: use one of {list(DTYPES)}",
@@ -111,9 +118,12 @@ class TrainingConfig:
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu, …"""
     devices: int = 1
-    """Devices for data parallel training."""
+    """Devices per node for data-parallel training."""
+    num_nodes: int = 1
+    """Machines taking part (multi-node DDP or FSDP; SLURM or torchrun start the processes)."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, …"""
+    """Lightning strategy: auto, ddp (each rank holds the whole pair), or fsdp (the pair's decoder
+    layers sharded over the ranks, see docs/SCALING.md); other Lightning strategy names pass through."""
     on_policy_weight: float = 0.0
     """Weight of the divergence on model_1's own soft-prompted samples (score-function; 0: off)."""
     on_policy_tokens: int = 8
@@ -149,6 +159,13 @@ class TrainingConfig:
             f"training.accumulate_grad_batches={self.accumulate_grad_batches}: must be >= 1",
         )
         _require(self.devices >= 1, f"training.devices={self.devices}: must be >= 1")
+        _require(self.num_nodes >= 1, f"training.num_nodes={self.num_nodes}: must be >= 1")
+        _require(
+            self.strategy == "fsdp" or not self.strategy.startswith("fsdp"),
+            f"training.strategy={self.strategy}: Lightning's FSDP variants would shard only the "
+            "soft prompt (the frozen pair is not a child module); use training.strategy=fsdp, "
+            "which shards the pair's layers",
+        )
         _require(
             self.on_policy_weight >= 0 and self.on_policy_tokens >= 1,
             "training.on_policy_weight must be >= 0 and training.on_policy_tokens >= 1",
@@ -274,6 +291,15 @@ class TrainConfig:
     """Allow writing into a run directory that already holds results."""
     write_dataset: bool = True
     """Finish the run by writing the divergent dataset."""
+
+    def __post_init__(self) -> None:
+        pair = self.model_pair
+        _require(
+            self.training.strategy != "fsdp"
+            or not (pair.device_map or pair.load_in_8bit or pair.load_in_4bit),
+            "training.strategy=fsdp shards the pair's layers itself: drop model_pair.device_map "
+            "and 8/4-bit loading, or keep them and use training.strategy=auto/ddp",
+        )
 
 
 @dataclass

@@ -162,16 +162,21 @@ class TextCollator:
 class ResumableBatchSampler(Sampler[list[int]]):
     """Seeded per-epoch shuffling that can resume in the middle of an epoch and shard across ranks.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``. Before each pass it asks
-    ``position()`` for ``(batches already done this epoch, rank, world size)``, so a run resumed
-    from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would have seen, and
-    each data-parallel rank takes its own slice of every global batch.
+    The order of epoch ``e`` depends only on ``(seed, e)`` (or is the items' own order with
+    ``shuffle=False``). Before each pass it asks ``position()`` for ``(batches already done this
+    epoch, rank, world size)``, so a run resumed from a mid-epoch checkpoint sees exactly the
+    batches an uninterrupted run would have seen, and each data-parallel rank takes its own slice
+    of every global batch. A batch with fewer items than ranks goes whole to every rank: the
+    module's token-weighted reduction then still gives that batch's mean and gradient.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, position=None) -> None:
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, position=None, shuffle: bool = True
+    ) -> None:
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle = shuffle
         self.epoch = 0
         self.position = position or (lambda num_batches: (0, 0, 1))
 
@@ -182,14 +187,14 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return math.ceil(self.num_items / self.batch_size)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
+        order = list(range(self.num_items))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
         done, rank, world = self.position(len(self))
         for start in range(done * self.batch_size, self.num_items, self.batch_size):
             batch = order[start : start + self.batch_size]
-            if len(batch) < world:
-                return  # a rank would get an empty batch and stall the others
-            yield batch[rank::world]
+            yield batch[rank::world] if len(batch) >= world else batch
 
 
 class CategoryTextDataModule(pl.LightningDataModule):
@@ -296,9 +301,12 @@ class CategoryTextDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        sampler = ResumableBatchSampler(
+            len(self.val_texts), self.batch_size, self.seed, self._rank_position, shuffle=False
+        )
         return DataLoader(
             self.val_texts,
-            batch_size=self.batch_size,
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=TextCollator(self.tokenizer, self.max_length),
         )
@@ -311,3 +319,8 @@ class CategoryTextDataModule(pl.LightningDataModule):
         consumed = trainer.global_step * trainer.accumulate_grad_batches
         done = consumed - trainer.current_epoch * num_batches
         return min(max(done, 0), num_batches), trainer.global_rank, trainer.world_size
+
+    def _rank_position(self, num_batches: int) -> tuple[int, int, int]:
+        """(0, rank, world size): validation always starts at its first batch."""
+        trainer = self.trainer
+        return (0, 0, 1) if trainer is None else (0, trainer.global_rank, trainer.world_size)

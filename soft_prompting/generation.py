@@ -170,7 +170,8 @@ def score_prompts(
                         ),
                         "vocab_jaccard_similarity": sum(jaccard) / k,
                         "disagreement_positions": positions[rows.start],
-                        "reliability": sum(a != b for a, b in zip(texts_1, texts_2, strict=True)) / k,
+                        "reliability": sum(a != b for a, b in zip(texts_1, texts_2, strict=True))
+                        / k,
                         "kl_divergence_std": float(sample_kl.std()) if k > 1 else 0.0,
                     },
                 }

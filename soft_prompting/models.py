@@ -27,6 +27,7 @@ from transformers import (
 
 from soft_prompting import organisms
 from soft_prompting.errors import ModelLoadError
+from soft_prompting.sharding import layer_device_map
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,13 @@ class ModelPair:
         return self.model_1.get_input_embeddings().weight.device
 
     @property
-    def is_quantized(self) -> bool:
-        return bool(getattr(self.model_1, "is_quantized", False))
+    def is_placed(self) -> bool:
+        """Loaded with a ``device_map`` (quantised or split over GPUs): the models stay put."""
+        return getattr(self.model_1, "hf_device_map", None) is not None
 
     def to(self, device: torch.device | str) -> ModelPair:
-        """Move both models (not possible for quantised ones, which stay where they were loaded)."""
-        if not self.is_quantized:
+        """Move both models (not models loaded with a device_map, which stay where they were put)."""
+        if not self.is_placed:
             self.model_1.to(device)
             self.model_2.to(device)
         return self
@@ -174,6 +176,9 @@ class ModelPairManager:
         load_in_8bit: quantise both models to 8 bits (bitsandbytes, CUDA).
         load_in_4bit: quantise both models to 4 bits, NF4 (bitsandbytes, CUDA).
         trust_remote_code: run modelling code shipped with hub repositories.
+        device_map: ``split`` spreads each model's decoder layers over all visible GPUs, the rest
+            on ``cuda:0`` (see :func:`~soft_prompting.sharding.layer_device_map`); None keeps each
+            model whole on ``device``.
     """
 
     _cache: dict[tuple, ModelPair] = {}
@@ -185,14 +190,29 @@ class ModelPairManager:
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         trust_remote_code: bool = False,
+        device_map: str | None = None,
     ) -> None:
         if load_in_8bit and load_in_4bit:
             raise ModelLoadError("load_in_8bit and load_in_4bit are both set: pick one")
+        if device_map not in (None, "split"):
+            raise ModelLoadError(
+                f"device_map={device_map!r}: use 'split' (layers over all visible GPUs) or None; "
+                "for any other placement load the models yourself and pass them to "
+                "DivergenceTrainer"
+            )
+        if device_map and not torch.cuda.is_available():
+            raise ModelLoadError(
+                "device_map='split' spreads the models over GPUs and none is visible: drop "
+                "model_pair.device_map or run on a GPU machine"
+            )
+        if device_map:
+            device = "cuda:0"  # where the split puts embeddings and heads, so the soft prompt too
         self.device = torch.device(device)
         self.torch_dtype = resolve_dtype(torch_dtype, self.device)
         self.load_in_8bit = load_in_8bit
         self.load_in_4bit = load_in_4bit
         self.trust_remote_code = trust_remote_code
+        self.device_map = device_map
 
     def load_model_pair(
         self,
@@ -215,6 +235,7 @@ class ModelPairManager:
             self.torch_dtype,
             self.load_in_8bit,
             self.load_in_4bit,
+            self.device_map,
         )
         if key not in self._cache:
             self._cache[key] = self._load(model_1_name, model_2_name, revision_1, revision_2)
@@ -259,8 +280,11 @@ class ModelPairManager:
         if self.load_in_8bit or self.load_in_4bit:
             kwargs["quantization_config"] = self._quantization_config()
             kwargs["device_map"] = {"": self.device.index or 0}
+        if self.device_map == "split":
+            gpus = list(range(torch.cuda.device_count()))
+            kwargs["device_map"] = layer_device_map(path, gpus, self.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if not (self.load_in_8bit or self.load_in_4bit):
+        if "device_map" not in kwargs:
             model.to(self.device)
         model.requires_grad_(False)
         model.eval()

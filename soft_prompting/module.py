@@ -13,7 +13,8 @@ Layout of one row, as both models see it (the texts come left-padded from the da
 Only the soft prompt is a registered parameter. The frozen pair is held outside the module's
 children, so checkpoints hold kilobytes (the prompt and plain hyperparameters), DDP never sees the
 frozen weights, and ``DivergenceModule.load_from_checkpoint(path)`` rebuilds the pair from the model
-ids it saved.
+ids it saved. Under ``training.strategy=fsdp`` :meth:`configure_model` shards the pair's decoder
+layers over the ranks itself (see sharding.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from soft_prompting.chunked_divergence import chunked_head_divergence
 from soft_prompting.divergence import get_divergence, masked_mean
 from soft_prompting.errors import DivergenceError, ModelLoadError
 from soft_prompting.models import ModelPair, ModelPairManager
+from soft_prompting.sharding import shard_pair
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,8 @@ class DivergenceModule(pl.LightningModule):
         weight_decay: Adam weight decay.
         gradient_checkpointing: recompute the frozen models' activations in backward.
         compile: ``torch.compile`` the frozen models' forward (first steps pay the compile time).
-        torch_dtype, load_in_8bit, load_in_4bit, trust_remote_code, revision_1, revision_2: how the
-            pair is loaded (see :class:`~soft_prompting.models.ModelPairManager`).
+        torch_dtype, load_in_8bit, load_in_4bit, trust_remote_code, revision_1, revision_2,
+            device_map: how the pair is loaded (see :class:`~soft_prompting.models.ModelPairManager`).
         seed: seeds the random prompt initialisation.
         on_policy_weight: weight of :meth:`on_policy_divergence`, the divergence on model_1's own
             soft-prompted continuations (0: off).
@@ -86,6 +88,7 @@ class DivergenceModule(pl.LightningModule):
         trust_remote_code: bool = False,
         revision_1: str | None = None,
         revision_2: str | None = None,
+        device_map: str | None = None,
         seed: int = 0,
         on_policy_weight: float = 0.0,
         on_policy_tokens: int = 8,
@@ -95,13 +98,14 @@ class DivergenceModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["pair"])
         self.divergence_fn = get_divergence(divergence)
         if pair is None:
-            device = "cuda" if (load_in_8bit or load_in_4bit) else "cpu"
+            device = "cuda" if (load_in_8bit or load_in_4bit or device_map) else "cpu"
             pair = ModelPairManager(
                 device=device,
                 torch_dtype=torch_dtype,
                 load_in_8bit=load_in_8bit,
                 load_in_4bit=load_in_4bit,
                 trust_remote_code=trust_remote_code,
+                device_map=device_map,
             ).load_model_pair(model_1_name, model_2_name, revision_1, revision_2)
         # A plain dataclass, not a child module: see the module docstring.
         self.pair = pair
@@ -344,19 +348,31 @@ class DivergenceModule(pl.LightningModule):
         return per_sample.mean() + (advantage * log_p).mean()
 
     # ------------------------------------------------------------------ Lightning hooks
+    def configure_model(self) -> None:
+        """Shard the frozen pair's decoder layers over the ranks when the strategy asks for it.
+
+        Lightning calls this on every rank before each fit/validate; only its model-parallel
+        strategy (``training.strategy=fsdp``) sets ``self.device_mesh``.
+        """
+        if self.device_mesh is not None:
+            root_device = self.trainer.strategy.root_device
+            shard_pair((self.pair.model_1, self.pair.model_2), root_device)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         divergence = self.divergence(batch["input_ids"], batch["attention_mask"])
         if self.hparams.get("on_policy_weight", 0.0) > 0:
             on_policy = self.on_policy_divergence(batch["input_ids"], batch["attention_mask"])
             self.log("train/on_policy_divergence", on_policy, batch_size=len(batch["input_ids"]))
             divergence = divergence + self.hparams.on_policy_weight * on_policy
-        if not torch.isfinite(divergence):
+        scale, logged, _ = self._data_parallel_scale(divergence, batch["attention_mask"])
+        # The global mean: a NaN on any rank stops every rank here, instead of leaving the others
+        # waiting in the next collective.
+        if not torch.isfinite(logged):
             raise DivergenceError(
-                f"the divergence became {divergence.item()} at training batch {batch_idx}: lower "
+                f"the divergence became {logged.item()} at training batch {batch_idx}: lower "
                 "training.learning_rate, use model_pair.torch_dtype=float32, or keep "
                 "training.norm_constraint=true; the last good checkpoint is kept"
             )
-        scale, logged = self._data_parallel_scale(divergence, batch["attention_mask"])
         self.log("train/divergence", logged, prog_bar=True, batch_size=len(batch["input_ids"]))
         return -divergence * scale
 
@@ -372,22 +388,37 @@ class DivergenceModule(pl.LightningModule):
         ``W n_r / N`` makes the two equal.
 
         Returns:
-            ``(scale, global mean divergence)``; ``(1.0, divergence)`` in a single process.
+            ``(scale, global mean divergence, texts in the global batch)``; ``(1.0, divergence,
+            local texts)`` in a single process. (A batch too small to split goes whole to every
+            rank, see :class:`~soft_prompting.data.ResumableBatchSampler`: its mean and gradient
+            stay exact, its text count is multiplied by the world size.)
         """
         world = self._trainer.world_size if self._trainer is not None else 1
         if world == 1:
-            return 1.0, divergence
+            return 1.0, divergence, len(attention_mask)
         local = attention_mask.sum().to(divergence.device, torch.float32)
-        sums = torch.stack([local, divergence.detach() * local])
-        total_tokens, total_divergence = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        return world * local / total_tokens, total_divergence / total_tokens
+        sums = torch.stack(
+            [local, divergence.detach() * local, local.new_tensor(len(attention_mask))]
+        )
+        total_tokens, total_divergence, texts = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return world * local / total_tokens, total_divergence / total_tokens, int(texts)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        size = len(batch["input_ids"])
-        with_prompt = self.divergence(batch["input_ids"], batch["attention_mask"])
-        without = self.divergence(batch["input_ids"], batch["attention_mask"], use_prompt=False)
+        """Both divergences of the global validation batch (each rank scores its own slice)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        _, with_prompt, size = self._data_parallel_scale(self.divergence(ids, mask), mask)
+        _, without, _ = self._data_parallel_scale(
+            self.divergence(ids, mask, use_prompt=False), mask
+        )
         self.log("val/divergence", with_prompt, prog_bar=True, batch_size=size)
         self.log("val/divergence_no_prompt", without, batch_size=size)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # With the pair sharded there is no DDP wrapper to average the (replicated) prompt's
+        # gradient over the ranks: the module does it, once per optimiser step.
+        if self.device_mesh is not None and self.trainer.world_size > 1:
+            torch.distributed.all_reduce(self.soft_prompt.grad)
+            self.soft_prompt.grad.div_(self.trainer.world_size)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

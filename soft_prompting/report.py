@@ -154,6 +154,7 @@ def load_pair(config: dict, device: str):
             load_in_8bit=bool(pair_config.get("load_in_8bit")),
             load_in_4bit=bool(pair_config.get("load_in_4bit")),
             trust_remote_code=bool(pair_config.get("trust_remote_code")),
+            device_map=pair_config.get("device_map"),
         )
         pair = manager.load_model_pair(
             pair_config["model_1_name"],

@@ -51,11 +51,24 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
     if trainer.is_global_zero:
         module.save_soft_prompt(run_dir / "soft_prompt")
         write_json(run_dir / "metrics.json", metrics | {"environment": environment()})
-        if config.write_dataset:
+        if config.write_dataset and config.training.strategy == "fsdp":
+            print(sharded_dataset_hint(run_dir))
+        elif config.write_dataset:
             # Lightning's teardown left the module on the CPU; the pair would follow it there.
             module.to(trainer.strategy.root_device)
             write_dataset(module, datamodule, config, run_dir)
     return metrics
+
+
+def sharded_dataset_hint(run_dir: Path) -> str:
+    """Under FSDP no rank holds the whole pair, and generation would need every rank in lockstep:
+    the dataset is written by a second, single-process run that resumes the finished prompt."""
+    return (
+        "the pair is sharded over the ranks, so the divergent dataset is written by one process "
+        "that holds the pair; rerun with the same overrides plus: training.strategy=auto "
+        f"training.devices=1 training.num_nodes=1 model_pair.device_map=split ckpt_path=last "
+        f"hydra.run.dir={run_dir}"
+    )
 
 
 def build_datamodule(module: DivergenceModule, config: TrainConfig) -> CategoryTextDataModule:
@@ -86,7 +99,8 @@ def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer
         log_every_n_steps=config.training.log_every_n_steps,
         accelerator=config.training.accelerator,
         devices=config.training.devices,
-        strategy=config.training.strategy,
+        num_nodes=config.training.num_nodes,
+        strategy=strategy(config),
         use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
         default_root_dir=str(run_dir),
         logger=build_loggers(
@@ -137,6 +151,16 @@ def fit_to_context(max_length: int, context: int | None) -> int:
         context,
     )
     return context
+
+
+def strategy(config: TrainConfig):
+    """``fsdp`` is Lightning's model-parallel strategy, under which the module shards the pair's
+    decoder layers itself (FSDP2); the checkpoint stays one small file. Other names pass through."""
+    if config.training.strategy != "fsdp":
+        return config.training.strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(save_distributed_checkpoint=False)
 
 
 def precision(config: TrainConfig) -> str:

@@ -124,3 +124,36 @@ def run_entrypoint(
         timeout=600,
         **kwargs,
     )
+
+
+def train_tiny_pair(run_dir: Path, pair_dirs, text_dir, *extra: str, accelerator="cpu") -> dict:
+    """Three steps of ``python -m soft_prompting.train`` on a tiny pair; what the run left.
+
+    Returns:
+        ``prompt`` and ``step`` from ``checkpoints/last.ckpt``, ``metrics`` (metrics.json) and the
+        run's ``output`` (stdout and stderr).
+    """
+    import json
+
+    args = [
+        "model_pair=custom",
+        f"model_pair.model_1_name={pair_dirs[0]}",
+        f"model_pair.model_2_name={pair_dirs[1]}",
+        f"data.text_dir={text_dir}",
+        "training.num_soft_prompt_tokens=4",
+        "training.batch_size=6",  # the global batch: 3 texts per rank with two ranks
+        "training.max_steps=3",
+        f"training.accelerator={accelerator}",
+        "write_dataset=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    result = run_entrypoint("soft_prompting.train", args, run_dir.parent, {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return {
+        "prompt": state["state_dict"]["soft_prompt"],
+        "step": state["global_step"],
+        "metrics": json.loads((run_dir / "metrics.json").read_text()),
+        "output": result.stdout + result.stderr,
+    }

@@ -101,8 +101,12 @@ def test_typo_in_a_yaml_file_names_the_key(tmp_path):
         ("generation.top_p=1.5", "top_p"),
         ("data.val_fraction=1.0", "val_fraction"),
         ("model_pair.torch_dtype=float8", "torch_dtype"),
+        ("model_pair.device_map=auto", "device_map"),
+        ("training.num_nodes=0", "num_nodes"),
+        ("training.strategy=fsdp_cpu_offload", "use training.strategy=fsdp"),
+        ("training.strategy=fsdp model_pair.load_in_4bit=true", "drop model_pair.device_map"),
     ],
 )
 def test_out_of_range_values_are_explained(override, message):
     with pytest.raises(ValueError, match=message):
-        to_train_config(compose_train([override]))
+        to_train_config(compose_train(override.split()))

@@ -1,17 +1,17 @@
-"""Data-parallel training: two CPU processes (gloo) learn the soft prompt that one process learns
-from the same global batches, because each rank's token-weighted loss is rescaled before DDP
-averages it."""
+"""Training on several processes: two CPU processes (gloo) learn the soft prompt that one process
+learns from the same global batches — with DDP (each rank holds the whole pair) and with FSDP (the
+pair's decoder layers sharded over the ranks) — because each rank's token-weighted loss is rescaled
+before the ranks' gradients are averaged."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import train_tiny_pair
+from transformers import AutoModelForCausalLM
 
 from soft_prompting.module import DivergenceModule
 
@@ -48,7 +48,7 @@ def test_rescaled_rank_losses_average_to_the_global_batch_gradient(tiny_pair_dir
             batch = module.tokenizer(shard, return_tensors="pt", padding=True)
             tokens = batch["attention_mask"].sum().float()
             mean = module.divergence(batch["input_ids"], batch["attention_mask"])
-            stats.append(torch.stack([tokens, mean * tokens]))
+            stats.append(torch.stack([tokens, mean * tokens, tokens.new_tensor(len(shard))]))
     assert stats[0][0] != stats[1][0], "the test needs ranks with unequal token counts"
     all_reduced = stats[0] + stats[1]
 
@@ -61,43 +61,59 @@ def test_rescaled_rank_losses_average_to_the_global_batch_gradient(tiny_pair_dir
     assert not torch.allclose(naive, one_process, atol=1e-6, rtol=1e-4)
 
 
-def train_cli(run_dir, tiny_pair_dirs, text_dir, *extra: str) -> dict:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "soft_prompting.train",
-        "model_pair=custom",
-        f"model_pair.model_1_name={tiny_pair_dirs[0]}",
-        f"model_pair.model_2_name={tiny_pair_dirs[1]}",
-        f"data.text_dir={text_dir}",
-        "training.num_soft_prompt_tokens=4",
-        "training.batch_size=6",  # the global batch: 3 texts per rank with two ranks
-        "training.max_steps=3",
-        "training.accelerator=cpu",
-        "write_dataset=false",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    return {
-        "prompt": state["state_dict"]["soft_prompt"],
-        "step": state["global_step"],
-        "metrics": json.loads((run_dir / "metrics.json").read_text()),
-    }
+@pytest.fixture(scope="module")
+def one_process(tiny_pair_dirs, text_dir, tmp_path_factory) -> dict:
+    return train_tiny_pair(tmp_path_factory.mktemp("one"), tiny_pair_dirs, text_dir)
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_learn_the_same_prompt_as_one(tiny_pair_dirs, text_dir, tmp_path):
-    one = train_cli(tmp_path / "one", tiny_pair_dirs, text_dir)
-    two = train_cli(
-        tmp_path / "two", tiny_pair_dirs, text_dir, "training.devices=2", "training.strategy=ddp"
-    )
+def assert_same_run(two: dict, one: dict) -> None:
     assert one["step"] == two["step"] == 3
     assert not torch.equal(one["prompt"], torch.zeros_like(one["prompt"]))
     torch.testing.assert_close(two["prompt"], one["prompt"], atol=1e-6, rtol=1e-5)
-    assert two["metrics"]["val/divergence"] == pytest.approx(
-        one["metrics"]["val/divergence"], rel=1e-4
+    for metric in ("val/divergence", "val/divergence_no_prompt"):
+        assert two["metrics"][metric] == pytest.approx(one["metrics"][metric], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_learn_the_same_prompt_as_one(
+    one_process, tiny_pair_dirs, text_dir, tmp_path
+):
+    two = train_tiny_pair(
+        tmp_path / "two", tiny_pair_dirs, text_dir, "training.devices=2", "training.strategy=ddp"
     )
+    assert_same_run(two, one_process)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_pair_and_learns_the_same_prompt_as_one_process(
+    one_process, tiny_pair_dirs, text_dir, tmp_path
+):
+    run_dir = tmp_path / "fsdp"
+    two = train_tiny_pair(
+        run_dir, tiny_pair_dirs, text_dir, "training.devices=2", "training.strategy=fsdp"
+    )
+    assert_same_run(two, one_process)
+    # Each rank really holds half of every decoder layer: tiny Llama, hidden 32, 2 layers of
+    # 10304 parameters each; embeddings, norm and head (3 * 16 * 32 + ... ) stay whole.
+    held = [int(n) for n in re.findall(r"rank \d holds (\d+) of LlamaForCausalLM", two["output"])]
+    assert len(held) == 4, two["output"][-3000:]  # 2 ranks x 2 models
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs[0])
+    layers = sum(p.numel() for p in model.model.layers.parameters())
+    whole = sum(p.numel() for p in model.parameters())
+    assert all(n == whole - layers // 2 for n in held)
+
+    # The sharded run's checkpoint resumes in one process, which writes the dataset.
+    resumed = train_tiny_pair(
+        run_dir,
+        tiny_pair_dirs,
+        text_dir,
+        "ckpt_path=last",
+        "write_dataset=true",
+        "generation.num_prompts=4",
+        "generation.max_length=4",
+        "generation.num_generations_per_prompt=1",
+        "generation.strategies=[{_target_:soft_prompting.strategies.CategoryTextRanking}]",
+    )
+    torch.testing.assert_close(resumed["prompt"], two["prompt"])
+    assert resumed["step"] == 3
+    assert (run_dir / "divergent_dataset.jsonl").read_text().count("\n") == 4
