@@ -410,8 +410,10 @@ class DivergenceModule(pl.LightningModule):
         _, without, _ = self._data_parallel_scale(
             self.divergence(ids, mask, use_prompt=False), mask
         )
-        self.log("val/divergence", with_prompt, prog_bar=True, batch_size=size)
-        self.log("val/divergence_no_prompt", without, batch_size=size)
+        # Already the global values on every rank; sync_dist only averages equal numbers (and keeps
+        # Lightning from warning that the epoch value might differ between ranks).
+        self.log("val/divergence", with_prompt, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("val/divergence_no_prompt", without, batch_size=size, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # With the pair sharded there is no DDP wrapper to average the (replicated) prompt's

@@ -43,12 +43,12 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
     # Step-based checkpoints can miss the final steps; last.ckpt must be the finished prompt.
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
-    print(
-        f"validation divergence ({config.training.divergence}): "
-        f"{metrics['val/divergence']:.4f} with the soft prompt, "
-        f"{metrics['val/divergence_no_prompt']:.4f} without"
-    )
     if trainer.is_global_zero:
+        print(
+            f"validation divergence ({config.training.divergence}): "
+            f"{metrics['val/divergence']:.4f} with the soft prompt, "
+            f"{metrics['val/divergence_no_prompt']:.4f} without"
+        )
         module.save_soft_prompt(run_dir / "soft_prompt")
         write_json(run_dir / "metrics.json", metrics | {"environment": environment()})
         if config.write_dataset and config.training.strategy == "fsdp":

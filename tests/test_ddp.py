@@ -13,6 +13,7 @@ import torch
 from conftest import train_tiny_pair
 from transformers import AutoModelForCausalLM
 
+from soft_prompting.errors import DivergenceError
 from soft_prompting.module import DivergenceModule
 
 TEXTS = [  # unequal lengths, so the two ranks of a global batch hold unequal token counts
@@ -61,6 +62,15 @@ def test_rescaled_rank_losses_average_to_the_global_batch_gradient(tiny_pair_dir
     assert not torch.allclose(naive, one_process, atol=1e-6, rtol=1e-4)
 
 
+def test_a_nan_on_another_rank_stops_this_rank_too(tiny_pair_dirs, monkeypatch):
+    """Every rank checks the all-reduced mean, so no rank waits in a collective for a dead one."""
+    module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=3)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    both_ranks = torch.tensor([20.0, float("nan"), 4.0])  # tokens, divergence sum, texts
+    with pytest.raises(DivergenceError, match="nan at training batch 0"):
+        rank_gradient(module, TEXTS[:2], world=2, reduced=both_ranks)
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_pair_dirs, text_dir, tmp_path_factory) -> dict:
     return train_tiny_pair(tmp_path_factory.mktemp("one"), tiny_pair_dirs, text_dir)
@@ -90,11 +100,18 @@ def test_fsdp_shards_the_pair_and_learns_the_same_prompt_as_one_process(
 ):
     run_dir = tmp_path / "fsdp"
     two = train_tiny_pair(
-        run_dir, tiny_pair_dirs, text_dir, "training.devices=2", "training.strategy=fsdp"
+        run_dir,
+        tiny_pair_dirs,
+        text_dir,
+        "training.devices=2",
+        "training.strategy=fsdp",
+        "write_dataset=true",
     )
     assert_same_run(two, one_process)
-    # Each rank really holds half of every decoder layer: tiny Llama, hidden 32, 2 layers of
-    # 10304 parameters each; embeddings, norm and head (3 * 16 * 32 + ... ) stay whole.
+    # No rank holds the pair, so the dataset is left to a one-process run, whose command is printed.
+    assert "model_pair.device_map=split ckpt_path=last" in two["output"]
+    assert not (run_dir / "divergent_dataset.jsonl").exists()
+    # Each rank really holds half of every decoder layer; embeddings, norm and head stay whole.
     held = [int(n) for n in re.findall(r"rank \d holds (\d+) of LlamaForCausalLM", two["output"])]
     assert len(held) == 4, two["output"][-3000:]  # 2 ranks x 2 models
     model = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs[0])
