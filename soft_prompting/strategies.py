@@ -229,10 +229,14 @@ class SearchResult:
 
 
 def allowed_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Token ids a hard prompt may use: the real vocabulary minus special tokens."""
+    """Token ids a hard prompt may use: the real vocabulary minus special tokens and minus tokens
+    that are no text on their own (a byte-level tokenizer's lone bytes of multi-byte characters,
+    which decode to U+FFFD)."""
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     special = [i for i in tokenizer.all_special_ids if i < vocab_size]
     allowed[special] = False
+    pieces = tokenizer.batch_decode([[i] for i in range(vocab_size)])
+    allowed[[i for i, piece in enumerate(pieces) if "\ufffd" in piece]] = False
     return allowed
 
 

@@ -82,6 +82,20 @@ def test_scoring_without_prompt_really_omits_it(module):
     assert not torch.isclose(with_prompt, without)
 
 
+def test_left_padding_does_not_change_soft_prompted_generation(module):
+    """Generation from embeddings counts positions over real tokens, as training does."""
+    texts = ["the cat sat on the mat and the dog sat on the mat", "what is one plus two"]
+    inputs = batch(module.tokenizer, texts)
+    assert (inputs["attention_mask"] == 0).any(), "the test needs a padded row"
+    together = module.sample(inputs["input_ids"], inputs["attention_mask"], 6, temperature=0.0)
+    for row, text in enumerate(texts):
+        alone = batch(module.tokenizer, [text])
+        expected = module.sample(alone["input_ids"], alone["attention_mask"], 6, temperature=0.0)
+        n = expected.shape[1]  # alone, generation stops at end-of-sequence; in a batch, padding
+        assert together[row, :n].tolist() == expected[0].tolist()
+        assert (together[row, n:] == module.tokenizer.pad_token_id).all()
+
+
 def test_norm_constraint_keeps_prompt_within_real_embedding_norms(module):
     with torch.no_grad():
         module.soft_prompt.mul_(100.0)

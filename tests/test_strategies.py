@@ -54,6 +54,17 @@ def test_projection_returns_valid_allowed_token_ids(module):
     assert project_to_tokens(embeddings[[7, 9]], embeddings, allowed).tolist() == [7, 9]
 
 
+def test_hard_prompts_use_no_lone_bytes(organism_dirs):
+    """The organisms' byte-level tokenizer has 128 tokens that decode to U+FFFD alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(organism_dirs["base"])
+    allowed = allowed_token_ids(tokenizer, len(tokenizer))
+    broken = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    assert len(broken) == 128 and not allowed[broken].any()
+    assert allowed.sum() == len(tokenizer) - 128 - len(set(tokenizer.all_special_ids))
+
+
 def test_discrete_search_never_increases_its_loss(module):
     start = torch.tensor([5, 6, 7, 8])
     result = discrete_search(module, start, num_steps=6, top_k=8, num_candidates=16, seed=0)
