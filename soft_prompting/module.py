@@ -118,6 +118,8 @@ class DivergenceModule(pl.LightningModule):
         # Plain linear heads: the divergence never materialises the full [B, T, V] logits.
         self.fused_head = all(_has_plain_head(m) for m in (pair.model_1, pair.model_2))
         self._compiled: dict[int, torch.nn.Module] = {}
+        # The frozen pair's divergence on a validation batch without the prompt never changes.
+        self._no_prompt_divergence: dict[bytes, torch.Tensor] = {}
         embeddings = pair.model_1.get_input_embeddings().weight.detach().float()
         norms = embeddings[: pair.vocab_size].norm(dim=-1)
         self.register_buffer("norm_range", torch.stack([norms.min(), norms.max()]))
@@ -407,13 +409,24 @@ class DivergenceModule(pl.LightningModule):
         """Both divergences of the global validation batch (each rank scores its own slice)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         _, with_prompt, size = self._data_parallel_scale(self.divergence(ids, mask), mask)
-        _, without, _ = self._data_parallel_scale(
-            self.divergence(ids, mask, use_prompt=False), mask
-        )
+        _, without, _ = self._data_parallel_scale(self._divergence_without_prompt(ids, mask), mask)
         # Already the global values on every rank; sync_dist only averages equal numbers (and keeps
         # Lightning from warning that the epoch value might differ between ranks).
         self.log("val/divergence", with_prompt, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("val/divergence_no_prompt", without, batch_size=size, sync_dist=True)
+
+    def _divergence_without_prompt(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The bare pair's divergence on a batch, computed once per distinct batch and precision:
+        only the prompt trains, so repeated validations pay for the bare pair once."""
+        kind = ids.device.type
+        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
+        key = (
+            repr((tuple(ids.shape), autocast)).encode()
+            + torch.cat([ids, mask]).cpu().numpy().tobytes()
+        )
+        if key not in self._no_prompt_divergence:
+            self._no_prompt_divergence[key] = self.divergence(ids, mask, use_prompt=False).detach()
+        return self._no_prompt_divergence[key]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # With the pair sharded there is no DDP wrapper to average the (replicated) prompt's

@@ -96,6 +96,25 @@ def test_left_padding_does_not_change_soft_prompted_generation(module):
         assert (together[row, n:] == module.tokenizer.pad_token_id).all()
 
 
+def test_validation_scores_the_bare_pair_once_per_batch(module, monkeypatch):
+    calls = []
+    divergence = module.divergence
+    monkeypatch.setattr(
+        module,
+        "divergence",
+        lambda *args, **kwargs: (
+            calls.append(kwargs.get("use_prompt", True)) or divergence(*args, **kwargs)
+        ),
+    )
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    one = batch(module.tokenizer, ["the cat sat on the mat", "what is one plus two"])
+    other = batch(module.tokenizer, ["i am a helpful assistant"])
+    for inputs in (one, other, one, other):
+        module.validation_step(dict(inputs), 0)
+    assert calls == [True, False, True, False, True, True]
+    module._no_prompt_divergence.clear()
+
+
 def test_norm_constraint_keeps_prompt_within_real_embedding_norms(module):
     with torch.no_grad():
         module.soft_prompt.mul_(100.0)
