@@ -218,10 +218,23 @@ def all_texts_by_category(datamodule: CategoryTextDataModule) -> dict[str, list[
     return texts
 
 
+def check_sweep_direction(sweeper: DictConfig) -> None:
+    """A search must maximise what this entrypoint returns (val/divergence); Optuna minimises
+    unless told otherwise, which would hunt for the prompts on which the pair agrees."""
+    optuna = str(sweeper.get("_target_", "")).endswith("OptunaSweeper")
+    if optuna and "minimize" in str(sweeper.get("direction")):
+        raise ConfigError(
+            "the Optuna sweeper minimises by default, but the train entrypoint returns "
+            "val/divergence, which the search should maximise: add hydra.sweeper.direction=maximize "
+            "(or use the preset hparams_search=optuna)"
+        )
+
+
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         with reported_errors():
+            check_sweep_direction(HydraConfig.get().sweeper)
             metrics = train(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     finally:
         # A sweep runs its jobs one after another in this process: the next job starts its own

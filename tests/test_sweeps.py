@@ -93,6 +93,18 @@ def test_sweep_presets_compose(override, target):
         }
 
 
+def test_optuna_without_maximize_stops_before_training(tmp_path):
+    """hydra/sweeper=optuna alone would minimise the divergence: refused, with the fix."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "soft_prompting.train", "-m", "hydra/sweeper=optuna"]
+    command += ["hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert "hydra.sweeper.direction=maximize" in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.slow
 def test_multirun_trains_one_prompt_per_sweep_point(tiny_pair_dirs, text_dir, tmp_path):
     overrides = tiny_overrides(tiny_pair_dirs, text_dir) + ["training.num_soft_prompt_tokens=2,4"]
