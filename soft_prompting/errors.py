@@ -46,13 +46,21 @@ _DEBUG_VARIABLES = ("SOFT_PROMPTING_DEBUG", "HYDRA_FULL_ERROR")
 
 
 @contextmanager
-def reported_errors():
-    """Turn a :class:`SoftPromptingError` into a short message on stderr and exit status 2."""
+def reported_errors(exit_on_error: bool = True):
+    """Turn a :class:`SoftPromptingError` into a short message on stderr and exit status 2.
+
+    Args:
+        exit_on_error: False inside a Hydra multirun: the message is printed and the error raised
+            on, so the sweeper records this job as failed and runs the others (Optuna counts it
+            against ``hydra.sweeper.max_failure_rate``) instead of the whole sweep exiting.
+    """
     try:
         yield
     except SoftPromptingError as err:
         if debug_enabled():
             raise
         print(f"error: {err}", file=sys.stderr)
+        if not exit_on_error:
+            raise
         print("(set SOFT_PROMPTING_DEBUG=1 to see the traceback)", file=sys.stderr)
         sys.exit(2)

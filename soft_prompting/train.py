@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -232,10 +233,13 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    hydra_config = HydraConfig.get()
+    with reported_errors():  # a search set up the wrong way round stops the whole sweep
+        check_sweep_direction(hydra_config.sweeper)
     try:
-        with reported_errors():
-            check_sweep_direction(HydraConfig.get().sweeper)
-            metrics = train(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        # In a sweep, a failed job is recorded as failed and the others still run.
+        with reported_errors(exit_on_error=hydra_config.mode != RunMode.MULTIRUN):
+            metrics = train(to_train_config(cfg), Path(hydra_config.runtime.output_dir))
     finally:
         # A sweep runs its jobs one after another in this process: the next job starts its own
         # W&B run and loads its own models, so this job's are freed before it starts.

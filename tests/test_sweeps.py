@@ -106,6 +106,21 @@ def test_optuna_without_maximize_stops_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_other_jobs_of_a_sweep(tiny_pair_dirs, text_dir, tmp_path):
+    overrides = tiny_overrides(tiny_pair_dirs, text_dir) + ["training.num_soft_prompt_tokens=0,2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "soft_prompting.train", "-m", f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run(
+        command + overrides, capture_output=True, text=True, env=env, timeout=400
+    )
+    assert result.returncode != 0  # the sweep still reports that a job failed ...
+    assert "training.num_soft_prompt_tokens=0: needs at least 1" in result.stderr
+    assert not (tmp_path / "0" / "checkpoints").exists()
+    # ... after the job behind it ran to the end.
+    assert job_results(tmp_path)[1]["shape"] == (2, 32)
+
+
+@pytest.mark.slow
 def test_multirun_trains_one_prompt_per_sweep_point(tiny_pair_dirs, text_dir, tmp_path):
     overrides = tiny_overrides(tiny_pair_dirs, text_dir) + ["training.num_soft_prompt_tokens=2,4"]
     multirun(tmp_path, overrides)
