@@ -341,6 +341,13 @@ class CompareConfig:
             self.bootstrap_samples >= 100,
             f"bootstrap_samples={self.bootstrap_samples}: use at least 100 (2000 is typical)",
         )
+        _require(
+            self.training.strategy != "fsdp" or self.runs is not None,
+            "compare writes each category's dataset in the process that trained it, which "
+            "training.strategy=fsdp cannot (no rank holds the pair): train the categories with "
+            "python -m soft_prompting.train and aggregate them with runs=[...], or compare with "
+            "model_pair.device_map=split",
+        )
 
 
 def register_configs() -> None:

@@ -172,6 +172,8 @@ def test_compare_config_composes_and_rejects_typos():
         compose_compare(["categoriez=[a]"])
     with pytest.raises(Exception, match="confidence"):
         to_train_config(compose_compare(["confidence=1.5"]))
+    with pytest.raises(Exception, match="aggregate them with runs"):
+        to_train_config(compose_compare(["training.strategy=fsdp"]))
 
 
 def test_bootstrap_interval_of_the_mean():
