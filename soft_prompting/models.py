@@ -282,7 +282,7 @@ class ModelPairManager:
             kwargs["device_map"] = {"": self.device.index or 0}
         if self.device_map == "split":
             gpus = list(range(torch.cuda.device_count()))
-            kwargs["device_map"] = layer_device_map(path, gpus, self.trust_remote_code)
+            kwargs["device_map"] = layer_device_map(path, gpus, self.trust_remote_code, revision)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if "device_map" not in kwargs:
             model.to(self.device)

@@ -36,7 +36,7 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     if not layers:
         raise ConfigError(
             f"{type(model).__name__} names no decoder-layer class in _no_split_modules, so its "
-            "layers cannot be sharded: use training.strategy=ddp, 8/4-bit loading, or load the "
+            "layers cannot be sharded or split: use training.strategy=ddp, 8/4-bit loading, or load the "
             "models with your own device_map through the Python API"
         )
     return layers
@@ -89,7 +89,9 @@ def shard_pair(models: tuple[torch.nn.Module, ...], device: torch.device) -> Non
         )
 
 
-def layer_device_map(model_path: str, gpus: list, trust_remote_code: bool = False) -> dict:
+def layer_device_map(
+    model_path: str, gpus: list, trust_remote_code: bool = False, revision: str | None = None
+) -> dict:
     """A ``device_map`` that spreads ``model_path``'s decoder layers over ``gpus``, in order.
 
     Everything outside the layers (embeddings, final norm, rotary tables, head) goes on ``gpus[0]``,
@@ -99,7 +101,9 @@ def layer_device_map(model_path: str, gpus: list, trust_remote_code: bool = Fals
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        model_path, revision=revision, trust_remote_code=trust_remote_code
+    )
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     layers = decoder_layers(skeleton)
