@@ -101,7 +101,7 @@ def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer
         accelerator=config.training.accelerator,
         devices=config.training.devices,
         num_nodes=config.training.num_nodes,
-        strategy=strategy(config),
+        strategy=config.training.strategy,
         use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
         default_root_dir=str(run_dir),
         logger=build_loggers(
@@ -115,7 +115,9 @@ def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer
             )
         ],
     )
-    return pl.Trainer(**(arguments | overrides))
+    arguments |= overrides
+    arguments["strategy"] = resolve_strategy(arguments["strategy"])
+    return pl.Trainer(**arguments)
 
 
 def module_args(config: TrainConfig) -> dict:
@@ -154,11 +156,11 @@ def fit_to_context(max_length: int, context: int | None) -> int:
     return context
 
 
-def strategy(config: TrainConfig):
+def resolve_strategy(name):
     """``fsdp`` is Lightning's model-parallel strategy, under which the module shards the pair's
     decoder layers itself (FSDP2); the checkpoint stays one small file. Other names pass through."""
-    if config.training.strategy != "fsdp":
-        return config.training.strategy
+    if name != "fsdp":
+        return name
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return ModelParallelStrategy(save_distributed_checkpoint=False)
