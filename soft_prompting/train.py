@@ -161,7 +161,14 @@ def resolve_strategy(name):
     decoder layers itself (FSDP2); the checkpoint stays one small file. Other names pass through."""
     if name != "fsdp":
         return name
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from torch.distributed.fsdp import fully_shard  # noqa: F401 (FSDP2)
+    except ImportError as err:
+        raise ConfigError(
+            f"training.strategy=fsdp needs Lightning >= 2.4 and PyTorch >= 2.6 (FSDP2): {err}; "
+            "upgrade them, or use training.strategy=ddp or model_pair.device_map=split"
+        ) from err
 
     return ModelParallelStrategy(save_distributed_checkpoint=False)
 
