@@ -57,8 +57,9 @@ class ModelPair:
 
     @property
     def is_placed(self) -> bool:
-        """Loaded with a ``device_map`` (quantised or split over GPUs): the models stay put."""
-        return getattr(self.model_1, "hf_device_map", None) is not None
+        """Quantised, or dispatched over several devices: the models stay where they were put."""
+        model = self.model_1
+        return bool(getattr(model, "is_quantized", False)) or hasattr(model, "hf_device_map")
 
     def to(self, device: torch.device | str) -> ModelPair:
         """Move both models (not models loaded with a device_map, which stay where they were put)."""
