@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from soft_prompting.data import ResumableBatchSampler
 from soft_prompting.errors import ConfigError, ModelLoadError
-from soft_prompting.models import ModelPairManager
+from soft_prompting.models import ModelPair, ModelPairManager
 from soft_prompting.sharding import decoder_layers, layer_device_map
 
 
@@ -55,6 +55,9 @@ def test_the_split_places_every_weight(which, tiny_pair_dirs, gpt2_dir):
     reference = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    # A dispatched model stays where the map put it; a plain one follows the module.
+    assert ModelPair(model, model, None).is_placed
+    assert not ModelPair(reference, reference, None).is_placed
 
 
 def test_a_model_without_layer_classes_cannot_be_sharded():
