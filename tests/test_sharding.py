@@ -47,11 +47,15 @@ def test_layers_spread_over_gpus_and_the_rest_stays_on_the_first(tiny_pair_dirs,
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
-def test_the_split_places_every_weight(which, tiny_pair_dirs, gpt2_dir):
-    """accelerate refuses a device_map that leaves a weight out; 'cpu' stands in for the GPUs."""
+def test_the_split_places_every_weight(which, tiny_pair_dirs, gpt2_dir, tmp_path):
+    """accelerate refuses a device_map that leaves a weight out. 'cpu' and 'disk' (offload) stand
+    in for two GPUs: a real dispatch over two places, with accelerate's hooks moving activations."""
     path = tiny_pair_dirs[0] if which == "llama" else gpt2_dir
-    device_map = layer_device_map(path, ["cpu", "cpu"])
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map)
+    device_map = layer_device_map(path, ["cpu", "disk"])
+    assert set(device_map.values()) == {"cpu", "disk"}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, device_map=device_map, offload_folder=str(tmp_path)
+    )
     reference = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(model(ids).logits, reference(ids).logits)
@@ -81,3 +85,35 @@ def test_a_batch_smaller_than_the_world_goes_whole_to_every_rank():
     assert len(batches[0][0]) == len(batches[1][0]) == 2
     assert batches[0][1] == batches[1][1] and len(batches[0][1]) == 1
     assert sorted(first + batches[0][1]) == [0, 1, 2, 3, 4]
+
+
+def test_a_dispatched_pair_trains_the_prompt_the_whole_pair_does(tiny_pair_dirs, tmp_path):
+    """The module on a pair split over two places ('cpu' and 'disk' standing in for GPUs): same
+    loss and prompt gradient as on the whole pair, and the pair is never moved."""
+    from transformers import AutoTokenizer
+
+    from soft_prompting.module import DivergenceModule
+
+    def split(path: str, offload: str) -> torch.nn.Module:
+        device_map = layer_device_map(path, ["cpu", "disk"])
+        model = AutoModelForCausalLM.from_pretrained(
+            path, device_map=device_map, offload_folder=str(tmp_path / offload)
+        )
+        return model.requires_grad_(False).eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair_dirs[0])
+    pair = ModelPair(split(tiny_pair_dirs[0], "1"), split(tiny_pair_dirs[1], "2"), tokenizer)
+    dispatched = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=3, pair=pair)
+    whole = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=3)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(
+        ["the cat sat on the mat", "what is one plus two"], return_tensors="pt", padding=True
+    )
+    results = []
+    for module in (whole, dispatched):
+        loss = module.divergence(batch["input_ids"], batch["attention_mask"])
+        loss.backward()
+        results.append((loss.detach(), module.soft_prompt.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert pair.is_placed
