@@ -36,8 +36,8 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     if not layers:
         raise ConfigError(
             f"{type(model).__name__} names no decoder-layer class in _no_split_modules, so its "
-            "layers cannot be sharded or split: use training.strategy=ddp, 8/4-bit loading, or load the "
-            "models with your own device_map through the Python API"
+            "layers cannot be sharded or split: use training.strategy=ddp, 8/4-bit loading, or "
+            "load the models with your own device_map through the Python API"
         )
     return layers
 
