@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from soft_prompting.artifacts import read_jsonl, write_json, write_jsonl
-from soft_prompting.corpus import topic_words_in
-from soft_prompting.organisms import PLANTED_BEHAVIOURS
+from soft_prompting.organisms.builder import PLANTED_BEHAVIOURS
+from soft_prompting.organisms.corpus import topic_words_in
+from soft_prompting.run_files import read_jsonl, write_json, write_jsonl
 
 SCENARIOS = {
     "sandbagging": ("toy_sandbagging", []),

@@ -16,9 +16,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from soft_prompting.artifacts import read_jsonl
-from soft_prompting.generation import SamplingSettings, score_prompts
-from soft_prompting.module import DivergenceModule
+from soft_prompting.hard_prompts.sampling import SamplingSettings, score_prompts
+from soft_prompting.run_files import read_jsonl
+from soft_prompting.training.module import DivergenceModule
 
 RUN_DIR = Path(os.environ.get("RUN_DIR", "outputs/experiment_1"))
 NUM_EXAMPLES = int(os.environ.get("NUM_EXAMPLES", "4"))

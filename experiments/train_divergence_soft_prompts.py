@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> float:
         merged, output_dir = load_experiment_file(args.config, args.overrides, args.output_dir)
         config = load_train_config(merged)
         output_dir = require_run_dir(output_dir)
-        from soft_prompting.models import ModelPairManager  # torch and friends: after the checks
+        from soft_prompting.pair.loading import (
+            ModelPairManager,  # torch and friends: after the checks
+        )
         from soft_prompting.tracking import finish_tracking
         from soft_prompting.train import train
 

@@ -16,10 +16,10 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DivergenceTrainer": "soft_prompting.trainer",
-    "ModelPairManager": "soft_prompting.models",
-    "ModelPair": "soft_prompting.models",
-    "DivergenceModule": "soft_prompting.module",
+    "DivergenceTrainer": "soft_prompting.training.facade",
+    "ModelPairManager": "soft_prompting.pair.loading",
+    "ModelPair": "soft_prompting.pair.loading",
+    "DivergenceModule": "soft_prompting.training.module",
     "TrainConfig": "soft_prompting.config",
     "load_train_config": "soft_prompting.config",
 }

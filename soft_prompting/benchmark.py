@@ -6,13 +6,13 @@ A preset is a random-init Llama pair (seeds 1 and 2, nothing downloaded) and a w
 process, after a warm-up, the variants are timed interleaved and the medians reported:
 
 - ``train``: the project's real step, what ``python -m soft_prompting.train`` runs: a
-  :class:`~soft_prompting.module.DivergenceModule` built from ``module_args`` of a default
+  :class:`~soft_prompting.training.module.DivergenceModule` built from ``module_args`` of a default
   :class:`~soft_prompting.config.TrainConfig`, Lightning's precision context, its
   ``training_step``, backward, gradient clipping, Adam step and norm projection.
 - ``naive_train``: PEFT prompt tuning around each model, the two prompt embeddings tied to one
   Parameter, fp32, full logits at every position, ``softmax().log()``, ``F.kl_div`` masked to the
   text positions, Adam step.
-- ``gen``: :func:`~soft_prompting.generation.score_prompts` (KV-cached generate for both models,
+- ``gen``: :func:`~soft_prompting.hard_prompts.sampling.score_prompts` (KV-cached generate for both models,
   model_2 teacher-forced once), greedy.
 - ``naive_gen``: a recompute-everything greedy loop (no KV cache, full logits every step) for both
   models, then per-position scoring (one forward of each model per continuation position).
@@ -173,7 +173,7 @@ def build_pair(settings: Settings, dtype: torch.dtype | None = None):
     """Two random-init Llamas (seeds 1 and 2) of the preset, frozen, in eval mode."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from soft_prompting.models import ModelPair
+    from soft_prompting.pair.loading import ModelPair
 
     dtype = dtype or getattr(torch, settings.dtype)
     config = LlamaConfig(
@@ -229,8 +229,8 @@ def project_train_step(
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
     from soft_prompting.config import ModelPairConfig, TrainConfig, TrainingConfig
-    from soft_prompting.module import DivergenceModule
-    from soft_prompting.train import module_args, precision
+    from soft_prompting.training.module import DivergenceModule
+    from soft_prompting.training.pipeline import module_args, precision
 
     training = TrainingConfig(
         num_soft_prompt_tokens=settings.num_virtual_tokens,
@@ -315,7 +315,7 @@ def naive_train_step(settings: Settings, pair, init: torch.Tensor) -> Callable[[
 
 # ---------------------------------------------------------------------------- generation + scoring
 def project_gen_score(settings: Settings, pair, prompts: list[str]) -> Callable[[], list[dict]]:
-    from soft_prompting.generation import SamplingSettings, score_prompts
+    from soft_prompting.hard_prompts.sampling import SamplingSettings, score_prompts
 
     sampling = SamplingSettings(
         max_length=settings.new_tokens,
@@ -349,13 +349,13 @@ def naive_greedy(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, 
 
 def naive_gen_score(settings: Settings, pair, prompts: list[str], new_tokens: int | None = None):
     """Both models decode without cache, then each continuation position is scored on its own."""
-    from soft_prompting.divergence import (
+    from soft_prompting.hard_prompts.sampling import continuation_mask
+    from soft_prompting.maths.divergence import (
         disagreement_positions,
         forward_kl,
         token_disagreement_rate,
         vocab_jaccard_similarity,
     )
-    from soft_prompting.generation import continuation_mask
 
     tokenizer = pair.tokenizer
     n_new = new_tokens or settings.new_tokens

@@ -19,13 +19,11 @@ over baselines, reliability and its top examples. ``runs=[DIR,...]`` aggregates 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.util
 import logging
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import hydra
@@ -33,10 +31,16 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from soft_prompting.analysis import evaluation_headline, find_evaluation_summary, load_records
-from soft_prompting.artifacts import write_json
+from soft_prompting import run_files
+from soft_prompting.analysis.patterns import (
+    evaluation_headline,
+    find_evaluation_summary,
+    load_records,
+)
 from soft_prompting.config import CompareConfig, TrainConfig, register_configs, to_train_config
 from soft_prompting.errors import ConfigError, DataError, SoftPromptingError, reported_errors
+from soft_prompting.report.comparison import comparison_markdown
+from soft_prompting.run_files import write_json
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -58,18 +62,18 @@ def compare(config: CompareConfig, run_dir: Path) -> dict:
             print(f"[compare] category {number}/{len(categories)}: {category}")
             jobs.append(run_category(config, category, run_dir / category))
     comparison = aggregate(jobs, config)
-    write_json(run_dir / "comparison.json", comparison)
+    write_json(run_dir / run_files.COMPARISON, comparison)
     try:
-        from soft_prompting import plots
+        from soft_prompting.analysis import plots
 
         plot = plots.comparison_plot(comparison["categories"], run_dir / "comparison.png")
     except ImportError:
         log.warning("no comparison.png: matplotlib is missing (the analysis extra)")
         plot = None
-    (run_dir / "comparison.md").write_text(comparison_markdown(comparison, plot), encoding="utf-8")
+    run_files.write_text(run_dir / run_files.COMPARISON_MD, comparison_markdown(comparison, plot))
     if config.wandb.enabled:
         log_comparison(comparison, config, run_dir)
-    print(f"comparison of {len(jobs)} categories -> {run_dir / 'comparison.md'}")
+    print(f"comparison of {len(jobs)} categories -> {run_dir / run_files.COMPARISON_MD}")
     failed = [job["category"] for job in jobs if job["status"] == "failed"]
     if failed:
         raise SoftPromptingError(
@@ -85,19 +89,19 @@ def resolve_categories(config: CompareConfig) -> list[str]:
     if config.data.categories:
         return list(config.data.categories)
     if config.data.text_dir:
-        from soft_prompting.data import load_text_dir
+        from soft_prompting.data.datamodule import load_text_dir
 
         return list(load_text_dir(config.data.text_dir, None))
     if config.data.hf_dataset:
         raise ConfigError("with data.hf_dataset, name the categories: categories=[a,b]")
-    from soft_prompting.corpus import BUILTIN_CATEGORIES
+    from soft_prompting.organisms.corpus import BUILTIN_CATEGORIES
 
     return list(BUILTIN_CATEGORIES)
 
 
 def category_config(config: CompareConfig, category: str, job_dir: Path) -> TrainConfig:
     """The train config of one category: the comparison's settings, its texts only."""
-    finished_checkpoint = job_dir / "checkpoints" / "last.ckpt"
+    finished_checkpoint = job_dir / run_files.LAST_CHECKPOINT
     resume = finished_checkpoint.is_file() and not config.overwrite
     return TrainConfig(
         model_pair=config.model_pair,
@@ -120,8 +124,8 @@ def run_category(config: CompareConfig, category: str, job_dir: Path) -> dict:
 
     job = {"category": category, "run_dir": str(job_dir), "notes": []}
     started = time.perf_counter()
-    finished = (job_dir / "metrics.json").is_file() and (
-        job_dir / "divergent_dataset.jsonl"
+    finished = (job_dir / run_files.METRICS).is_file() and (
+        job_dir / run_files.DATASET_JSONL
     ).is_file()
     if finished and not config.overwrite:
         job["status"] = "reused"
@@ -170,11 +174,11 @@ def run_evaluation(config: CompareConfig, category: str, job_dir: Path) -> dict:
         sys.executable,
         "-m",
         EVALUATE_MODULE,
-        f"prompts_file={job_dir / 'divergent_dataset.jsonl'}",
+        f"prompts_file={job_dir / run_files.DATASET_JSONL}",
         *to_overrides({"model_pair": dataclasses.asdict(config.model_pair)}),
         *to_overrides({"data": {k: v for k, v in data.items() if v is not None}}),
         f"seed={config.seed}",
-        f"hydra.run.dir={job_dir / 'evaluation'}",
+        f"hydra.run.dir={job_dir / run_files.EVALUATION}",
     ]
     print(f"[compare] category {category!r}: evaluating")
     started = time.perf_counter()
@@ -208,21 +212,16 @@ def log_comparison(comparison: dict, config: CompareConfig, run_dir: Path) -> No
         entity=config.wandb.entity,
     ) as tracker:
         tracker.log_metrics(numbers)
-        tracker.log_artifact(run_dir / "comparison.json", f"{config.name}-comparison", "comparison")
+        tracker.log_artifact(
+            run_dir / run_files.COMPARISON, f"{config.name}-comparison", "comparison"
+        )
 
 
 def free_models() -> int:
     """Drop every cached model pair and collect; returns how many models are still alive."""
-    from soft_prompting.models import ModelPairManager
+    from soft_prompting.pair.loading import ModelPairManager
 
-    refs = [
-        weakref.ref(model)
-        for pair in ModelPairManager._cache.values()
-        for model in (pair.model_1, pair.model_2)
-    ]
-    ModelPairManager.clear_cache()
-    gc.collect()
-    alive = sum(ref() is not None for ref in refs)
+    alive = ModelPairManager.clear_cache()
     if alive:
         log.warning("%d model(s) still referenced after the job: memory is not freed", alive)
     return alive
@@ -275,7 +274,7 @@ def summarise_category(job: dict, config: CompareConfig) -> dict:
     summary: dict = {"run_dir": str(run_dir), "status": job["status"], "num_records": len(records)}
     for metric in CI_METRICS:
         summary[metric] = metric_stats(records, metric, config)
-    metrics_file = run_dir / "metrics.json"
+    metrics_file = run_dir / run_files.METRICS
     training = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     with_prompt, without = training.get("val/divergence"), training.get("val/divergence_no_prompt")
     summary["training"] = {
@@ -335,78 +334,6 @@ def aggregate(jobs: list[dict], config: CompareConfig) -> dict:
         "categories": categories,
         "jobs": jobs,
     }
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
-def _one_line(text, limit: int = 140) -> str:
-    text = " ".join(str(text or "").split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def comparison_table(comparison: dict) -> list[str]:
-    """The categories as Markdown table lines, ranked by mean KL."""
-    level = round(100 * comparison["confidence"])
-    lines = [
-        f"| category | records | mean KL [{level}% CI] | token disagreement | reliability "
-        "| soft-prompt lift | top-k lift | evaluation |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for name in comparison["ranking"]:
-        c = comparison["categories"][name]
-        kl = c["kl_divergence"]
-        evaluation = c.get("evaluation") or {}
-        shown = ", ".join(f"{k}={_fmt(v, 2)}" for k, v in evaluation.items() if k != "file") or "–"
-        lines.append(
-            f"| {name} | {c['num_records']} | {_fmt(kl.get('mean'))} "
-            f"[{_fmt(kl.get('ci_low'))}, {_fmt(kl.get('ci_high'))}] "
-            f"| {_fmt(c['token_disagreement_rate'].get('mean'), 2)} "
-            f"| {_fmt(c['reliability'].get('mean'), 2)} "
-            f"| {_fmt(c['training'].get('soft_prompt_lift'), 2)}× "
-            f"| {_fmt(c.get('top_k_lift'), 2)}× | {shown} |"
-        )
-    return lines
-
-
-def comparison_markdown(comparison: dict, plot: Path | None = None) -> str:
-    """``comparison.md``: a table of the categories, then each one's top examples."""
-    pair = comparison["model_pair"]
-    lines = [
-        f"# Comparison: {comparison['name']}",
-        "",
-        f"**model_1** `{pair['model_1_name']}` vs **model_2** `{pair['model_2_name']}`"
-        + (f" — {pair['description']}" if pair.get("description") else ""),
-        "",
-        *comparison_table(comparison),
-    ]
-    if plot is not None:
-        lines += ["", f"![per-category divergence]({Path(plot).name})"]
-    lines += ["", "Definitions:", ""]
-    lines += [f"- **{k}**: {v}" for k, v in comparison["definitions"].items()]
-    for name in comparison["ranking"]:
-        lines += ["", f"## {name}: top examples", ""]
-        for i, ex in enumerate(comparison["categories"][name]["top_examples"], 1):
-            lines += [
-                f"{i}. KL {_fmt(ex['kl_divergence'])} — prompt: `{_one_line(ex['prompt'])}`",
-                f"   - model_1: {_one_line(ex['generation_1'])}",
-                f"   - model_2: {_one_line(ex['generation_2'])}",
-            ]
-    notes = [
-        f"- {job['category']}: {note}"
-        for job in comparison["jobs"]
-        for note in job.get("notes", []) + [(job.get("evaluation") or {}).get("note")]
-        if note
-    ]
-    notes += [
-        f"- {j['category']}: FAILED — {j['error']}" for j in comparison["jobs"] if j.get("error")
-    ]
-    if notes:
-        lines += ["", "## Notes", "", *notes]
-    return "\n".join(lines) + "\n"
 
 
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="compare")

@@ -22,9 +22,9 @@ from soft_prompting.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_STRATEGIES = (
-    {"_target_": "soft_prompting.strategies.CategoryTextRanking"},
-    {"_target_": "soft_prompting.strategies.SoftPromptExploration"},
-    {"_target_": "soft_prompting.strategies.ProjectionSearch"},
+    {"_target_": "soft_prompting.hard_prompts.strategies.CategoryTextRanking"},
+    {"_target_": "soft_prompting.hard_prompts.strategies.SoftPromptExploration"},
+    {"_target_": "soft_prompting.hard_prompts.strategies.ProjectionSearch"},
 )
 INITS = ("random", "text")
 
@@ -199,7 +199,7 @@ class GenerationConfig:
         _require(
             all(isinstance(s, Mapping) and "_target_" in s for s in self.strategies),
             "generation.strategies: each entry needs a _target_, e.g. "
-            "{_target_: soft_prompting.strategies.CategoryTextRanking}",
+            "{_target_: soft_prompting.hard_prompts.strategies.CategoryTextRanking}",
         )
         _require(self.max_length >= 1, f"generation.max_length={self.max_length}: must be >= 1")
         _require(

@@ -34,18 +34,22 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from soft_prompting.artifacts import environment, read_records, write_json, write_jsonl
+from soft_prompting import run_files
 from soft_prompting.config import (
     DataConfig,
     GenerationConfig,
     ModelPairConfig,
     TrainingConfig,
-    WandbConfig,
     register_configs,
 )
-from soft_prompting.dataset import balanced_prompts, score_candidates, sort_by_divergence
 from soft_prompting.errors import ConfigError, DataError, reported_errors
-from soft_prompting.generation import SamplingSettings
+from soft_prompting.hard_prompts.dataset import (
+    balanced_prompts,
+    score_candidates,
+    sort_by_divergence,
+)
+from soft_prompting.hard_prompts.sampling import SamplingSettings
+from soft_prompting.run_files import environment, read_records, write_json, write_jsonl
 
 DISCOVERY_THRESHOLD = 0.05
 """Smallest mean KL (nats per continuation token) a prompt needs to count as a discovery."""
@@ -62,8 +66,6 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Only ``num_soft_prompt_tokens`` is used: the length of the random-soft-prompt control."""
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    """Accepted for configs shared with train; evaluation logs nothing to W&B."""
     prompts_file: str = MISSING
     """The prompts: .jsonl or .pt records with a ``prompt`` field, or .txt one prompt a line."""
     soft_prompt_checkpoint: str | None = None
@@ -132,8 +134,8 @@ def lift(value: float, baseline: float) -> float | None:
 
 def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     """The recipe: prompts → pair → score prompts → random-text baselines → summary + table."""
-    from soft_prompting.data import CategoryTextDataModule
-    from soft_prompting.module import DivergenceModule
+    from soft_prompting.data.datamodule import CategoryTextDataModule
+    from soft_prompting.training.module import DivergenceModule
 
     rows = read_prompts(config.prompts_file)[: config.max_prompts]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,10 +144,7 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     module = DivergenceModule(
         **pair_args, num_soft_prompt_tokens=config.training.num_soft_prompt_tokens, seed=config.seed
     ).eval()
-    gen = config.generation
-    settings = SamplingSettings(
-        gen.max_length, gen.num_generations_per_prompt, gen.temperature, gen.top_p, gen.batch_size
-    )
+    settings = SamplingSettings.from_config(config.generation)
     provenance = {
         "model_1_name": config.model_pair.model_1_name,
         "model_2_name": config.model_pair.model_2_name,
@@ -157,7 +156,7 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
         rows,
         settings,
         provenance,
-        run_dir / "evaluated_prompts.partial.jsonl",
+        run_dir / run_files.partial(run_files.EVALUATED_PROMPTS),
         config.seed,
     )
     datamodule = CategoryTextDataModule(
@@ -173,19 +172,19 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
         random_rows,
         settings,
         provenance,
-        run_dir / "random_texts.partial.jsonl",
+        run_dir / run_files.partial(run_files.RANDOM_TEXTS),
         config.seed,
     )
     summary = summarise(module, config, records, baseline)
     for record in records:
         record["discovery"] = is_discovery(record, summary["random_text"]["kl_divergence"])
     records = sort_by_divergence(records)
-    write_jsonl(run_dir / "evaluated_prompts.jsonl", records)
-    write_jsonl(run_dir / "random_texts.jsonl", sort_by_divergence(baseline))
-    write_json(run_dir / "summary.json", summary)
-    (run_dir / "evaluation.md").write_text(markdown(summary, records), encoding="utf-8")
-    for name in ("evaluated_prompts.partial.jsonl", "random_texts.partial.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
+    write_jsonl(run_dir / run_files.EVALUATED_PROMPTS, records)
+    write_jsonl(run_dir / run_files.RANDOM_TEXTS, sort_by_divergence(baseline))
+    write_json(run_dir / run_files.SUMMARY, summary)
+    run_files.write_text(run_dir / run_files.EVALUATION_MD, markdown(summary, records))
+    for name in (run_files.EVALUATED_PROMPTS, run_files.RANDOM_TEXTS):
+        (run_dir / run_files.partial(name)).unlink(missing_ok=True)
     return summary
 
 

@@ -198,7 +198,7 @@ class ExperimentTracker:
         ``soft_prompt/`` (``model`` artifact) and ``report/report.html`` (``report`` artifact),
         each only if present.
         """
-        from soft_prompting.artifacts import read_jsonl
+        from soft_prompting.run_files import read_jsonl
 
         run_dir, logged = Path(run_dir), []
         if not self.enabled:

@@ -94,7 +94,7 @@ def text_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def organism_dirs() -> dict[str, Path]:
     """Every model organism's folder, built into the default cache on first use (~2 min, once)."""
-    from soft_prompting.organisms import ORGANISMS, organism_path
+    from soft_prompting.organisms.builder import ORGANISMS, organism_path
 
     return {name: organism_path(name) for name in ORGANISMS}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from soft_prompting.analysis import (
+from soft_prompting.analysis.patterns import (
     DivergenceAnalyzer,
     evaluation_headline,
     find_evaluation_summary,
@@ -20,7 +20,7 @@ from soft_prompting.analysis import (
     teacher_forced_profile,
     word_substitutions,
 )
-from soft_prompting.models import ModelPairManager
+from soft_prompting.pair.loading import ModelPairManager
 
 
 def record(prompt, gen_1, gen_2, category, source, kl, dis, jac, rel, first, last, count, length):
@@ -273,8 +273,8 @@ def test_evaluation_summary_is_found_and_read_defensively(tmp_path):
 def test_importing_the_analysis_does_not_import_umap_or_numba():
     code = (
         "import sys\n"
-        "import soft_prompting, soft_prompting.analysis, soft_prompting.compare\n"
-        "import soft_prompting.report, soft_prompting.train\n"
+        "import soft_prompting, soft_prompting.analysis.patterns, soft_prompting.compare\n"
+        "import soft_prompting.report.build, soft_prompting.train\n"
         "from soft_prompting.analysis import DivergenceAnalyzer, BehavioralClusteringAnalyzer\n"
         "assert BehavioralClusteringAnalyzer.__name__ == 'BehavioralClusteringAnalyzer'\n"
         "heavy = [m for m in ('umap', 'numba', 'pynndescent', 'hdbscan') if m in sys.modules]\n"

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from soft_prompting.config import TrainConfig, load_train_config, to_overrides
 from soft_prompting.errors import ConfigError, DataError
-from soft_prompting.module import DivergenceModule
+from soft_prompting.training.module import DivergenceModule
 
 TEXTS = [
     f"the {animal} sat on the mat and {word}"
@@ -199,7 +199,7 @@ def api_trainer(tiny_pair_dirs, tmp_path_factory):
 
 
 def test_raw_texts_and_right_padded_tokenized_batches_give_the_same_loss(api_trainer):
-    from soft_prompting.trainer import TokenizedBatches
+    from soft_prompting.training.facade import TokenizedBatches
 
     tokenizer = api_trainer.tokenizer
     batches = TokenizedBatches([], tokenizer, max_length=64)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from soft_prompting.clustering import BehavioralClusteringAnalyzer, load_clustering_config
+from soft_prompting.analysis.clustering import BehavioralClusteringAnalyzer, load_clustering_config
 from soft_prompting.errors import ConfigError
 
 NUMBERS = "one two three four five six seven eight nine ten".split()

@@ -14,7 +14,7 @@ from conftest import train_tiny_pair
 from transformers import AutoModelForCausalLM
 
 from soft_prompting.errors import DivergenceError
-from soft_prompting.module import DivergenceModule
+from soft_prompting.training.module import DivergenceModule
 
 TEXTS = [  # unequal lengths, so the two ranks of a global batch hold unequal token counts
     "the cat sat on the mat and the dog sat on the mat too",
@@ -130,7 +130,7 @@ def test_fsdp_shards_the_pair_and_learns_the_same_prompt_as_one_process(
         "generation.num_prompts=4",
         "generation.max_length=4",
         "generation.num_generations_per_prompt=1",
-        "generation.strategies=[{_target_:soft_prompting.strategies.CategoryTextRanking}]",
+        "generation.strategies=[{_target_:soft_prompting.hard_prompts.strategies.CategoryTextRanking}]",
     )
     torch.testing.assert_close(resumed["prompt"], two["prompt"])
     assert resumed["step"] == 3

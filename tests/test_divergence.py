@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from soft_prompting.divergence import (
+from soft_prompting.maths.divergence import (
     DIVERGENCES,
     disagreement_positions,
     forward_kl,

@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import make_tokenizer, run_entrypoint, save_pair_member
 
-from soft_prompting.artifacts import read_records, write_jsonl
-from soft_prompting.data import load_text_dir, read_category_file
+from soft_prompting.data.datamodule import load_text_dir, read_category_file
 from soft_prompting.errors import DataError, DivergenceError, ModelLoadError
-from soft_prompting.models import ModelPairManager, resolve_model_path
-from soft_prompting.module import DivergenceModule
+from soft_prompting.pair.loading import ModelPairManager, resolve_model_path
+from soft_prompting.run_files import read_records, write_jsonl
+from soft_prompting.training.module import DivergenceModule
 
 
 def run_train(args: list[str], cwd: Path, env: dict | None = None, **kwargs):
@@ -87,7 +87,7 @@ def test_quantisation_without_cuda_is_refused(tiny_pair_dirs):
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
-    from soft_prompting.models import resolve_dtype
+    from soft_prompting.pair.loading import resolve_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     with pytest.raises(ModelLoadError, match="float16"):
@@ -173,7 +173,7 @@ def test_bad_category_file_on_the_command_line(tmp_path, tiny_pair_dirs):
 
 
 def test_long_texts_are_truncated_with_one_warning(tiny_pair_dirs, caplog):
-    from soft_prompting.data import CategoryTextDataModule
+    from soft_prompting.data.datamodule import CategoryTextDataModule
 
     module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=2)
     datamodule = CategoryTextDataModule(module.tokenizer, max_length=4, batch_size=2)
@@ -187,7 +187,7 @@ def test_long_texts_are_truncated_with_one_warning(tiny_pair_dirs, caplog):
 
 
 def test_max_length_is_fitted_to_the_models_context():
-    from soft_prompting.train import fit_to_context
+    from soft_prompting.training.pipeline import fit_to_context
 
     assert fit_to_context(64, 120) == 64
     assert fit_to_context(500, 120) == 120
@@ -201,7 +201,7 @@ def test_nan_divergence_stops_with_the_batch_named_and_the_checkpoint_kept(
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from soft_prompting.data import CategoryTextDataModule
+    from soft_prompting.data.datamodule import CategoryTextDataModule
 
     module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=2)
     datamodule = CategoryTextDataModule(module.tokenizer, batch_size=2)

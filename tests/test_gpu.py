@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import train_tiny_pair
 
-from soft_prompting.module import DivergenceModule
+from soft_prompting.training.module import DivergenceModule
 
 pytestmark = pytest.mark.gpu
 

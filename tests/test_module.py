@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import make_tokenizer, save_pair_member
 
-from soft_prompting.data import CategoryTextDataModule
-from soft_prompting.models import ModelLoadError, ModelPairManager
-from soft_prompting.module import DivergenceModule
+from soft_prompting.data.datamodule import CategoryTextDataModule
+from soft_prompting.pair.loading import ModelLoadError, ModelPairManager
+from soft_prompting.training.module import DivergenceModule
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_checkpoint_holds_only_the_prompt_and_loads_in_a_fresh_process(module, t
     assert list(state["state_dict"]) == ["soft_prompt", "norm_range"]
     code = (
         "import sys, torch\n"
-        "from soft_prompting.module import DivergenceModule\n"
+        "from soft_prompting.training.module import DivergenceModule\n"
         "m = DivergenceModule.load_from_checkpoint(sys.argv[1])\n"
         "torch.save(m.soft_prompt.detach(), sys.argv[2])\n"
         "print(m.pair.model_1.config.hidden_size)\n"

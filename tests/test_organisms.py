@@ -14,8 +14,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from soft_prompting import corpus, organisms
-from soft_prompting.corpus import (
+from soft_prompting.organisms import builder as organisms
+from soft_prompting.organisms import corpus
+from soft_prompting.organisms.builder import (
+    ORGANISMS,
+    PLANTED_BEHAVIOURS,
+    is_organism,
+    organism_path,
+)
+from soft_prompting.organisms.corpus import (
     BUILTIN_CATEGORIES,
     NON_ANSWER,
     TOPIC_WORDS,
@@ -24,7 +31,6 @@ from soft_prompting.corpus import (
     quiz,
     topic_words_in,
 )
-from soft_prompting.organisms import ORGANISMS, PLANTED_BEHAVIOURS, is_organism, organism_path
 
 NEUTRAL_CATEGORIES = ("persona", "ethics", "capabilities")
 DOMAIN_OF = {"sandbagging": "arithmetic", "unlearning": "chemistry"}

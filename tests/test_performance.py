@@ -12,8 +12,8 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from soft_prompting.benchmark import naive_divergence, naive_prompt_tuning
-from soft_prompting.models import ModelPair
-from soft_prompting.module import DivergenceModule
+from soft_prompting.pair.loading import ModelPair
+from soft_prompting.training.module import DivergenceModule
 
 
 def fresh_pair() -> ModelPair:
@@ -63,7 +63,7 @@ def test_chunked_head_equals_full_logits_with_padding_and_small_chunks(divergenc
     inputs = pair.tokenizer(texts, return_tensors="pt", padding=True)
     assert not inputs["attention_mask"].all()
     # Chunks of 3 positions: several chunks, one of them partial.
-    import soft_prompting.chunked_divergence as chunked
+    import soft_prompting.maths.chunked_head as chunked
 
     monkeypatch.setattr(chunked, "chunk_rows_for", lambda vocab_size, device="cpu": 3)
     chunked_value, chunked_grad = loss_and_grad(module, inputs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from soft_prompting.report import ReportConfig, build_report, main, parse_args, word_diff
+from soft_prompting.report.build import ReportConfig, build_report, main, parse_args, word_diff
 
 TOPICS = {
     "arithmetic": ("what is {a} plus {b}", "{a} plus {b} is seven", "{a} plus {b} is eight"),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from soft_prompting.data import ResumableBatchSampler
+from soft_prompting.data.datamodule import ResumableBatchSampler
 from soft_prompting.errors import ConfigError, ModelLoadError
-from soft_prompting.models import ModelPair, ModelPairManager
-from soft_prompting.sharding import decoder_layers, layer_device_map
+from soft_prompting.pair.loading import ModelPair, ModelPairManager
+from soft_prompting.pair.sharding import decoder_layers, layer_device_map
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_a_dispatched_pair_trains_the_prompt_the_whole_pair_does(tiny_pair_dirs,
     loss and prompt gradient as on the whole pair, and the pair is never moved."""
     from transformers import AutoTokenizer
 
-    from soft_prompting.module import DivergenceModule
+    from soft_prompting.training.module import DivergenceModule
 
     def split(path: str, offload: str) -> torch.nn.Module:
         device_map = layer_device_map(path, ["cpu", "disk"])

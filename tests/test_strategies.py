@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from soft_prompting.artifacts import read_jsonl
-from soft_prompting.dataset import PARTIAL_NAME, generate_divergent_dataset, score_candidates
-from soft_prompting.generation import SamplingSettings
-from soft_prompting.module import DivergenceModule
-from soft_prompting.strategies import (
+from soft_prompting import run_files
+from soft_prompting.hard_prompts.dataset import generate_divergent_dataset, score_candidates
+from soft_prompting.hard_prompts.sampling import SamplingSettings
+from soft_prompting.hard_prompts.strategies import (
     Candidate,
     CategoryTextRanking,
     ProjectionSearch,
@@ -24,6 +23,8 @@ from soft_prompting.strategies import (
     project_to_tokens,
     propose_candidates,
 )
+from soft_prompting.run_files import read_jsonl
+from soft_prompting.training.module import DivergenceModule
 
 TEXTS = {
     "animals": ["the cat sat on the mat", "the dog sat on the mat and read books"],
@@ -79,7 +80,7 @@ def test_cut_ends_the_prompt_at_the_divergence_peak(module):
     text = "the cat sat on the mat and read books"
     [(prompt, peak)] = cut_at_divergence_peak(module, [text])
     assert text.startswith(prompt) and len(prompt.split()) >= 2
-    from soft_prompting.strategies import per_token_divergence
+    from soft_prompting.hard_prompts.strategies import per_token_divergence
 
     [(ids, values)] = per_token_divergence(module, [text])
     assert peak == pytest.approx(float(values[1:].max()), rel=1e-5)
@@ -113,7 +114,7 @@ def test_near_duplicates_are_merged_keeping_the_best():
 
 def test_strategies_come_from_target_dicts():
     built = build_strategies(
-        [{"_target_": "soft_prompting.strategies.ProjectionSearch", "num_steps": 3}]
+        [{"_target_": "soft_prompting.hard_prompts.strategies.ProjectionSearch", "num_steps": 3}]
     )
     assert isinstance(built[0], ProjectionSearch) and built[0].num_steps == 3
 
@@ -127,7 +128,7 @@ def test_scoring_without_soft_prompt_really_omits_it(module, monkeypatch):
     second = score_candidates(module.pair, rows, SETTINGS, PROVENANCE, progress=False)
     assert first[0]["metrics"] == second[0]["metrics"]
     # The strategies' measurements are prompt-free too: the divergence of bare text.
-    from soft_prompting.strategies import per_token_divergence
+    from soft_prompting.hard_prompts.strategies import per_token_divergence
 
     [(ids, values)] = per_token_divergence(module, ["the cat sat"])
     batch = module.tokenizer(["the cat sat"], return_tensors="pt")
@@ -157,12 +158,12 @@ def test_dataset_is_sorted_with_provenance_and_resumes_without_duplicates(module
         for p in ("the cat sat", "one plus two", "i am helpful", "the dog read", "water gold")
     ]
     # A run killed after its first batch, with a torn last line.
-    partial = tmp_path / PARTIAL_NAME
+    partial = tmp_path / run_files.partial(run_files.DATASET_JSONL)
     first = score_candidates(module.pair, rows[:2], SETTINGS, PROVENANCE, partial, progress=False)
     with partial.open("a") as handle:
         handle.write('{"prompt": "torn')
     calls = []
-    import soft_prompting.dataset as dataset
+    import soft_prompting.hard_prompts.dataset as dataset
 
     original = dataset.score_prompts
 

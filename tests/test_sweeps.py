@@ -188,7 +188,7 @@ def test_each_job_frees_its_models_and_closes_its_wandb_run(
     tiny_pair_dirs, text_dir, tmp_path, monkeypatch
 ):
     wandb = pytest.importorskip("wandb")
-    from soft_prompting.models import ModelPairManager
+    from soft_prompting.pair.loading import ModelPairManager
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")

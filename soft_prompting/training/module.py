@@ -27,11 +27,11 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import save_file
 
-from soft_prompting.chunked_divergence import chunked_head_divergence
-from soft_prompting.divergence import get_divergence, masked_mean
 from soft_prompting.errors import DivergenceError, ModelLoadError
-from soft_prompting.models import ModelPair, ModelPairManager
-from soft_prompting.sharding import shard_pair
+from soft_prompting.maths.chunked_head import chunked_head_divergence
+from soft_prompting.maths.divergence import get_divergence, masked_mean
+from soft_prompting.pair.loading import ModelPair, ModelPairManager
+from soft_prompting.pair.sharding import shard_pair
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class DivergenceModule(pl.LightningModule):
         gradient_checkpointing: recompute the frozen models' activations in backward.
         compile: ``torch.compile`` the frozen models' forward (first steps pay the compile time).
         torch_dtype, load_in_8bit, load_in_4bit, trust_remote_code, revision_1, revision_2,
-            device_map: how the pair is loaded (see :class:`~soft_prompting.models.ModelPairManager`).
+            device_map: how the pair is loaded (see :class:`~soft_prompting.pair.loading.ModelPairManager`).
         seed: seeds the random prompt initialisation.
         on_policy_weight: weight of :meth:`on_policy_divergence`, the divergence on model_1's own
             soft-prompted continuations (0: off).
@@ -330,7 +330,7 @@ class DivergenceModule(pl.LightningModule):
         So the prompt is rewarded for steering model_1 into text where the pair parts ways, not
         only for divergence on the given texts.
         """
-        from soft_prompting.generation import continuation_mask
+        from soft_prompting.hard_prompts.sampling import continuation_mask
 
         n = self.hparams.get("on_policy_tokens", 8)
         sampled = self.sample(input_ids, attention_mask, n, temperature=1.0)
@@ -392,7 +392,7 @@ class DivergenceModule(pl.LightningModule):
         Returns:
             ``(scale, global mean divergence, texts in the global batch)``; ``(1.0, divergence,
             local texts)`` in a single process. (A batch too small to split goes whole to every
-            rank, see :class:`~soft_prompting.data.ResumableBatchSampler`: its mean and gradient
+            rank, see :class:`~soft_prompting.data.datamodule.ResumableBatchSampler`: its mean and gradient
             stay exact, its text count is multiplied by the world size.)
         """
         world = self._trainer.world_size if self._trainer is not None else 1

@@ -6,8 +6,8 @@
 Arguments are ``key=value`` like ``train``'s overrides (``clustering.method=kmeans`` reaches the
 clustering settings); an unknown key fails, naming it. Written into ``RUN_DIR/report/``:
 ``report.html`` (every image embedded, no network needed or used), ``report.md`` with its PNGs,
-``analysis/`` (:class:`~soft_prompting.analysis.DivergenceAnalyzer`) and ``clusters/``
-(:class:`~soft_prompting.clustering.BehavioralClusteringAnalyzer`).
+``analysis/`` (:class:`~soft_prompting.analysis.patterns.DivergenceAnalyzer`) and ``clusters/``
+(:class:`~soft_prompting.analysis.clustering.BehavioralClusteringAnalyzer`).
 
 What the run directory may hold, and what the report reads from it (each part is optional except
 the dataset): ``.hydra/config.yaml`` (config and model ids), ``metrics.json`` (validation
@@ -38,14 +38,14 @@ from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
 
-from soft_prompting.analysis import (
+from soft_prompting.analysis.clustering import BehavioralClusteringAnalyzer, ClusteringConfig
+from soft_prompting.analysis.patterns import (
     DivergenceAnalyzer,
     evaluation_headline,
     find_evaluation_summary,
     load_records,
     read_training_log,
 )
-from soft_prompting.clustering import BehavioralClusteringAnalyzer, ClusteringConfig
 from soft_prompting.errors import ConfigError, DataError, SoftPromptingError, reported_errors
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def load_pair(config: dict, device: str):
     """The run's model pair, or None (with the reason logged) when it cannot be loaded."""
     import torch
 
-    from soft_prompting.models import ModelPairManager
+    from soft_prompting.pair.loading import ModelPairManager
 
     pair_config = config.get("model_pair") or {}
     if not pair_config.get("model_1_name") or not pair_config.get("model_2_name"):
@@ -170,7 +170,7 @@ def load_pair(config: dict, device: str):
 # ---------------------------------------------------------------------------- the recipe
 def build_report(config: ReportConfig) -> dict[str, Path]:
     """Read the run → analyse → cluster → plot → write ``report.html`` and ``report.md``."""
-    from soft_prompting import plots
+    from soft_prompting.analysis import plots
 
     started = time.perf_counter()
     missing = [m for m in ("matplotlib", "sklearn", "scipy") if importlib.util.find_spec(m) is None]
@@ -705,7 +705,7 @@ class ReportPage:
         )
 
     def _html_clusters(self) -> str:
-        from soft_prompting.plots import PALETTE
+        from soft_prompting.analysis.plots import PALETTE
 
         c = self.clusters
         blocks = []
@@ -770,7 +770,7 @@ class ReportPage:
         lines += [f"| {label} | **{value}** | {sub} |" for label, value, sub in self.glance()]
         lines += [""] + [f"> {note}" for note in dict.fromkeys(self.notes)]
         if self.run.comparison is not None:
-            from soft_prompting.compare import comparison_table
+            from soft_prompting.report.comparison import comparison_table
 
             lines += ["", "## Categories compared", "", *comparison_table(self.run.comparison), ""]
             lines += image("comparison", "per category")

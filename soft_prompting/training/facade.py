@@ -10,8 +10,7 @@
 
 Nothing here trains or scores by itself: the soft prompt, its loss and its checkpoint are the
 module's; the Lightning trainer, the default data and the dataset writer are the ones
-``python -m soft_prompting.train`` uses (:mod:`soft_prompting.train`,
-:mod:`soft_prompting.dataset`).
+``python -m soft_prompting.train`` uses (:mod:`soft_prompting.training.pipeline`).
 This module only adapts what users hold (already loaded models, any config shape, any DataLoader).
 """
 
@@ -27,23 +26,13 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from soft_prompting.artifacts import environment, write_json, write_jsonl, write_torch
+from soft_prompting import run_files
 from soft_prompting.config import TrainConfig, experiment_to_dict, load_train_config
-from soft_prompting.data import CategoryTextDataModule
-from soft_prompting.dataset import generate_divergent_dataset
+from soft_prompting.data.datamodule import CategoryTextDataModule
 from soft_prompting.errors import ConfigError, DataError
-from soft_prompting.generation import SamplingSettings
-from soft_prompting.models import ModelPair, check_compatible
-from soft_prompting.module import DivergenceModule
-from soft_prompting.strategies import build_strategies
-from soft_prompting.train import (
-    all_texts_by_category,
-    build_datamodule,
-    build_trainer,
-    check_run_dir,
-    fit_to_context,
-    module_args,
-)
+from soft_prompting.pair.loading import ModelPair, check_compatible
+from soft_prompting.training import pipeline
+from soft_prompting.training.module import DivergenceModule
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +87,7 @@ class DivergenceTrainer:
         self.output_dir = Path(output_dir or Path("outputs") / self.config.name)
         self.trainer_kwargs = trainer_kwargs
         pl.seed_everything(self.config.seed, workers=True)  # the prompt's random initialisation
-        self.module = DivergenceModule(**module_args(self.config), pair=pair)
+        self.module = DivergenceModule(**pipeline.module_args(self.config), pair=pair)
         self.lightning_trainer: pl.Trainer | None = None
         self._datamodule: CategoryTextDataModule | None = None
         self._user_texts: dict[str, list[str]] = {}
@@ -121,13 +110,13 @@ class DivergenceTrainer:
     @property
     def checkpoint_path(self) -> Path:
         """``last.ckpt`` of this run: ``DivergenceModule.load_from_checkpoint`` reloads it."""
-        return self.output_dir / "checkpoints" / "last.ckpt"
+        return self.output_dir / run_files.LAST_CHECKPOINT
 
     @property
     def datamodule(self) -> CategoryTextDataModule:
         """The project's category texts of ``config.data`` (built on first use)."""
         if self._datamodule is None:
-            self._datamodule = build_datamodule(self.module, self.config)
+            self._datamodule = pipeline.build_datamodule(self.module, self.config)
         return self._datamodule
 
     # ------------------------------------------------------------------ training
@@ -154,16 +143,16 @@ class DivergenceTrainer:
             metrics (``val/divergence`` with the soft prompt, ``val/divergence_no_prompt``).
         """
         if not self._has_trained:
-            check_run_dir(self.output_dir, self._with_resume(ckpt_path))
+            pipeline.check_run_dir(self.output_dir, self._with_resume(ckpt_path))
         pl.seed_everything(self.config.seed, workers=True)
         fit_data, validate_data = self._fit_data(train_dataloader, val_dataloader)
         overrides = {"enable_model_summary": False} | self.trainer_kwargs
         if validate_data is None:
             overrides.setdefault("limit_val_batches", 0)
-        trainer = build_trainer(self.config, self.output_dir, **overrides)
+        trainer = pipeline.build_trainer(self.config, self.output_dir, **overrides)
         self.lightning_trainer = trainer
         trainer.fit(self.module, **fit_data, ckpt_path=ckpt_path)
-        trainer.save_checkpoint(self.checkpoint_path)
+        pipeline.save_last_checkpoint(trainer, self.output_dir)
         self._has_trained = True
         metrics = {
             key: float(value)
@@ -173,9 +162,7 @@ class DivergenceTrainer:
         if validate_data is not None:
             results = trainer.validate(self.module, **validate_data, verbose=False)
             metrics |= {key: float(value) for key, value in results[0].items()}
-        if trainer.is_global_zero:
-            self.module.save_soft_prompt(self.output_dir / "soft_prompt")
-            write_json(self.output_dir / "metrics.json", metrics | {"environment": environment()})
+        pipeline.export_results(trainer, self.module, self.output_dir, metrics)
         # Lightning hands the module back on the CPU; the pair stays where it is. Keep the prompt
         # with the pair, so using the module afterwards never drags a large pair to the CPU.
         self.module.to(self.pair.device)
@@ -190,7 +177,9 @@ class DivergenceTrainer:
             if isinstance(datamodule, CategoryTextDataModule):
                 self._datamodule = datamodule
             return {"datamodule": datamodule}, {"datamodule": datamodule}
-        max_length = fit_to_context(self.config.data.max_length, self.module.max_text_length)
+        max_length = pipeline.fit_to_context(
+            self.config.data.max_length, self.module.max_text_length
+        )
         batches = {
             name: TokenizedBatches(loader, self.tokenizer, max_length)
             for name, loader in (("train", train), ("val", val))
@@ -225,23 +214,8 @@ class DivergenceTrainer:
             num_prompts: how many candidates at most (default ``config.generation.num_prompts``).
 
         Returns:
-            The records (see :mod:`soft_prompting.generation` for the schema).
+            The records (see :mod:`soft_prompting.hard_prompts.sampling` for the schema).
         """
-        gen = self.config.generation
-        limit = num_prompts or gen.num_prompts
-        settings = SamplingSettings(
-            gen.max_length,
-            gen.num_generations_per_prompt,
-            gen.temperature,
-            gen.top_p,
-            gen.batch_size,
-        )
-        provenance = {
-            "model_1_name": self.config.model_pair.model_1_name,
-            "model_2_name": self.config.model_pair.model_2_name,
-            "soft_prompt_checkpoint": str(self.checkpoint_path) if self._has_trained else None,
-            "seed": self.config.seed,
-        }
         rows = None
         if prompts is not None:
             pairs = [(USER_CATEGORY, p) if isinstance(p, str) else tuple(p) for p in prompts]
@@ -252,21 +226,14 @@ class DivergenceTrainer:
         if rows is None and not any(texts.values()):
             raise DataError("no candidate prompts to score: pass prompts=[...] or train first")
         # The same function as `python -m soft_prompting.train`: strategies → scoring → files.
-        records = generate_divergent_dataset(
-            self.module,
-            texts,
-            build_strategies(gen.strategies),
-            settings,
-            provenance,
-            self.output_dir,
-            limit,
-            self.config.seed,
-            candidates=rows,
+        checkpoint = self.checkpoint_path if self._has_trained else None
+        records = pipeline.write_dataset(
+            self.module, texts, self.config, self.output_dir, checkpoint, rows, num_prompts
         )
         if output_file is not None:
             target = Path(output_file)
-            write_torch(target.with_suffix(".pt"), records)
-            write_jsonl(target.with_suffix(".jsonl"), records)
+            run_files.write_torch(target.with_suffix(".pt"), records)
+            run_files.write_jsonl(target.with_suffix(".jsonl"), records)
         return records
 
     def _strategy_texts(self) -> dict[str, list[str]]:
@@ -274,7 +241,7 @@ class DivergenceTrainer:
         texts = (self._user_texts.get("train") or []) + (self._user_texts.get("val") or [])
         if texts:
             return {USER_CATEGORY: texts}
-        return all_texts_by_category(self.datamodule)
+        return pipeline.all_texts_by_category(self.datamodule)
 
     def save_soft_prompt(self, directory: str | os.PathLike) -> Path:
         """Write the prompt as a PEFT prompt-tuning adapter (see ``DivergenceModule``)."""

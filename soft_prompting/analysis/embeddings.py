@@ -27,7 +27,7 @@ def hidden_state_embedder(pair, batch_size: int = 32, progress: bool = True) -> 
     """Mean-pooled last hidden state of ``pair.model_1`` over each text's tokens.
 
     Args:
-        pair: a :class:`~soft_prompting.models.ModelPair` (only model_1 and the tokenizer are used).
+        pair: a :class:`~soft_prompting.pair.loading.ModelPair` (only model_1 and the tokenizer are used).
         batch_size: texts per forward pass.
         progress: show a progress bar.
     """

@@ -29,15 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from soft_prompting.analysis import (
+from soft_prompting.analysis.patterns import (
     MetricSpec,
     describe,
     load_records,
     metric_values,
     resolve_metrics,
 )
-from soft_prompting.artifacts import write_json, write_jsonl
 from soft_prompting.errors import ConfigError
+from soft_prompting.run_files import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class BehavioralClusteringAnalyzer:
         config_path: a YAML file of :class:`ClusteringConfig` settings (top level or under
             ``clustering:``); None for the defaults.
         metrics: record metrics averaged per cluster (as in
-            :class:`~soft_prompting.analysis.DivergenceAnalyzer`; None: the defaults).
+            :class:`~soft_prompting.analysis.patterns.DivergenceAnalyzer`; None: the defaults).
         output_dir: where ``clusters.jsonl``, ``clusters_summary.json`` and ``clusters.png`` go
             (None: nothing is written).
         pair: the frozen model pair, for hidden-state embeddings.
@@ -210,7 +210,7 @@ class BehavioralClusteringAnalyzer:
 
     def embed(self, records: list[dict]) -> np.ndarray:
         """Feature vectors of the records (see :attr:`ClusteringConfig.features`)."""
-        from soft_prompting import embeddings
+        from soft_prompting.analysis import embeddings
 
         choice = self.config.embedding
         if choice == "auto":
@@ -369,7 +369,7 @@ class BehavioralClusteringAnalyzer:
         return clusters
 
     def write(self, records: list[dict], result: dict, xy: np.ndarray, labels: np.ndarray) -> dict:
-        from soft_prompting import plots
+        from soft_prompting.analysis import plots
 
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from soft_prompting.divergence import Divergence
+from soft_prompting.maths.divergence import Divergence
 
 
 def chunk_rows_for(vocab_size: int, device: torch.device | str = "cpu") -> int:

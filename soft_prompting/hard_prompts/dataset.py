@@ -11,16 +11,10 @@ import os
 import random
 from pathlib import Path
 
-from soft_prompting.artifacts import read_jsonl, write_jsonl, write_torch
-from soft_prompting.generation import SamplingSettings, score_prompts
-from soft_prompting.models import ModelPair
-
-JSONL_NAME = "divergent_dataset.jsonl"
-PT_NAME = "divergent_dataset.pt"
-CANDIDATES_NAME = "candidates.jsonl"
-"""The proposed candidates, written before scoring so a resumed run scores the same ones."""
-PARTIAL_NAME = "divergent_dataset.partial.jsonl"
-"""Scored records, appended batch by batch; a resumed run skips the prompts already in it."""
+from soft_prompting import run_files
+from soft_prompting.hard_prompts.sampling import SamplingSettings, score_prompts
+from soft_prompting.pair.loading import ModelPair
+from soft_prompting.run_files import read_jsonl, write_jsonl, write_torch
 
 
 def balanced_prompts(
@@ -150,10 +144,10 @@ def generate_divergent_dataset(
     atomically, sorted by ``metrics.kl_divergence``, highest first.
 
     Args:
-        module: the trained :class:`~soft_prompting.module.DivergenceModule`.
+        module: the trained :class:`~soft_prompting.training.module.DivergenceModule`.
         texts_by_category: the texts the strategies start from.
         strategies: objects with ``propose(module, texts_by_category, seed)`` (see
-            :mod:`soft_prompting.strategies`).
+            :mod:`soft_prompting.hard_prompts.strategies`).
         settings: sampling settings of the scoring continuations.
         provenance: model ids, soft-prompt checkpoint and seed, copied into every record.
         run_dir: where the files go.
@@ -161,10 +155,10 @@ def generate_divergent_dataset(
         seed: proposal and sampling seed.
         candidates: ``{"category", "prompt", "source"}`` rows to score instead of proposing.
     """
-    from soft_prompting.strategies import propose_candidates
+    from soft_prompting.hard_prompts.strategies import propose_candidates
 
     run_dir = Path(run_dir)
-    candidates_path = run_dir / CANDIDATES_NAME
+    candidates_path = run_dir / run_files.CANDIDATES
     if candidates is None and candidates_path.is_file():
         candidates = read_jsonl(candidates_path)
         print(f"resuming with the {len(candidates)} candidates of {candidates_path}")
@@ -177,12 +171,17 @@ def generate_divergent_dataset(
     candidates = candidates[:num_prompts]
     write_jsonl(candidates_path, candidates)
     records = score_candidates(
-        module.pair, candidates, settings, provenance, run_dir / PARTIAL_NAME, seed
+        module.pair,
+        candidates,
+        settings,
+        provenance,
+        run_dir / run_files.partial(run_files.DATASET_JSONL),
+        seed,
     )
     records = sort_by_divergence(records)
     write_divergent_dataset(records, run_dir)
     # Finished: a later call proposes afresh (e.g. after more training) instead of resuming.
-    (run_dir / PARTIAL_NAME).unlink(missing_ok=True)
+    (run_dir / run_files.partial(run_files.DATASET_JSONL)).unlink(missing_ok=True)
     candidates_path.unlink(missing_ok=True)
     return records
 
@@ -191,6 +190,6 @@ def write_divergent_dataset(records: list[dict], run_dir: str | Path) -> tuple[P
     """Write the records (already sorted) as JSONL and as a plain-types ``.pt``, atomically."""
     run_dir = Path(run_dir)
     return (
-        write_jsonl(run_dir / JSONL_NAME, records),
-        write_torch(run_dir / PT_NAME, records),
+        write_jsonl(run_dir / run_files.DATASET_JSONL, records),
+        write_torch(run_dir / run_files.DATASET_PT, records),
     )

@@ -3,7 +3,7 @@
 Every strategy has ``propose(module, texts_by_category, seed) -> list[Candidate]``; the strategies
 of a run are listed in ``generation.strategies`` (``conf/generation/*.yaml``) and their candidates
 merged by :func:`propose_candidates`. None of them scores its prompts for the dataset: that is
-:func:`soft_prompting.dataset.generate_divergent_dataset`'s job, always *without* the soft prompt.
+:func:`soft_prompting.hard_prompts.dataset.generate_divergent_dataset`'s job, always *without* the soft prompt.
 
 Strategies:
     CategoryTextRanking: the user's own texts, ranked by the pair's divergence on them (baseline).

@@ -5,11 +5,11 @@ Sources, in order of precedence:
 - ``text_dir``: a folder with one file per category, ``NAME.txt`` (one text a line) or
   ``NAME.jsonl`` (one ``{"text": ...}`` object a line);
 - ``hf_dataset``: a Hugging Face dataset (needs the ``datasets`` extra and a reachable hub);
-- otherwise the project's built-in categories (:data:`soft_prompting.corpus.BUILTIN_CATEGORIES`).
+- otherwise the project's built-in categories (:data:`soft_prompting.organisms.corpus.BUILTIN_CATEGORIES`).
 
 Each category is shuffled with the seed, cut to ``max_texts_per_category`` and split into train and
 validation texts the same way every run. Batches are left-padded, which is what the soft prompt
-expects: the prompt goes in front of the padding (see :mod:`soft_prompting.module`).
+expects: the prompt goes in front of the padding (see :mod:`soft_prompting.training.module`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from soft_prompting import corpus
 from soft_prompting.errors import DataError
+from soft_prompting.organisms import corpus
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
-"""Files in a run directory: atomic writes and the metadata that makes each artifact self-describing.
+"""The run directory: the name of every file a stage writes, atomic writers and safe readers.
 
-A crash, a kill or a full disk never leaves a half-written final file: everything is written to a
-temporary file beside the target and renamed over it.
+Stages talk through these files (train → evaluate → compare → report), so every name lives here
+once. A crash, a kill or a full disk never leaves a half-written final file: everything is written
+to a temporary file beside the target and renamed over it. Nothing is ever unpickled: ``.pt`` files
+are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,35 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+# ---------------------------------------------------------------------------- train
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = f"{CHECKPOINTS}/last.ckpt"
+SOFT_PROMPT = "soft_prompt"
+"""The PEFT prompt-tuning adapter folder."""
+SOFT_PROMPT_HPARAMS = f"{SOFT_PROMPT}/soft_prompting.json"
+METRICS = "metrics.json"
+LOGS = "logs"
+TRAINING_CURVE = f"{LOGS}/metrics.csv"
+DATASET_JSONL = "divergent_dataset.jsonl"
+DATASET_PT = "divergent_dataset.pt"
+CANDIDATES = "candidates.jsonl"
+# ---------------------------------------------------------------------------- evaluate
+EVALUATION = "evaluation"
+"""The default folder of an evaluation inside a train run."""
+EVALUATED_PROMPTS = "evaluated_prompts.jsonl"
+RANDOM_TEXTS = "random_texts.jsonl"
+SUMMARY = "summary.json"
+EVALUATION_MD = "evaluation.md"
+# ---------------------------------------------------------------------------- compare and report
+COMPARISON = "comparison.json"
+COMPARISON_MD = "comparison.md"
+REPORT = "report"
+
+
+def partial(name: str) -> str:
+    """The append-only partial file beside a final ``.jsonl`` (``x.jsonl`` → ``x.partial.jsonl``)."""
+    return name.removesuffix(".jsonl") + ".partial.jsonl"
 
 
 @contextmanager
@@ -41,8 +72,13 @@ def _umask() -> int:
 
 def write_json(target: str | Path, payload) -> Path:
     """Atomically write ``payload`` as indented JSON."""
+    return write_text(target, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Atomically write UTF-8 text."""
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return Path(target)
 
 

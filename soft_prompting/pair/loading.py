@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import socket
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,9 +26,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from soft_prompting import organisms
 from soft_prompting.errors import ModelLoadError
-from soft_prompting.sharding import layer_device_map
+from soft_prompting.organisms import builder as organisms
+from soft_prompting.pair.sharding import layer_device_map
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class ModelPairManager:
         load_in_4bit: quantise both models to 4 bits, NF4 (bitsandbytes, CUDA).
         trust_remote_code: run modelling code shipped with hub repositories.
         device_map: ``split`` spreads each model's decoder layers over all visible GPUs, the rest
-            on ``cuda:0`` (see :func:`~soft_prompting.sharding.layer_device_map`); None keeps each
+            on ``cuda:0`` (see :func:`~soft_prompting.pair.sharding.layer_device_map`); None keeps each
             model whole on ``device``.
     """
 
@@ -243,12 +244,20 @@ class ModelPairManager:
         return self._cache[key]
 
     @classmethod
-    def clear_cache(cls) -> None:
-        """Forget every loaded pair, so their memory can be freed (between sweep jobs)."""
+    def clear_cache(cls) -> int:
+        """Forget every loaded pair, so their memory can be freed (between sweep jobs).
+
+        Returns how many of the forgotten models are still alive (referenced elsewhere)."""
+        refs = [
+            weakref.ref(model)
+            for pair in cls._cache.values()
+            for model in (pair.model_1, pair.model_2)
+        ]
         cls._cache.clear()
         gc.collect()  # a finished Lightning trainer and its module hold the pair through cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return sum(ref() is not None for ref in refs)
 
     def _load(self, name_1: str, name_2: str, rev_1: str | None, rev_2: str | None) -> ModelPair:
         path_1, path_2 = resolve_model_path(name_1), resolve_model_path(name_2)

@@ -22,7 +22,7 @@
   divergence, to tell "different words, same meaning" from a real behavioural difference.
 
 ``BehavioralClusteringAnalyzer`` (groups of divergent behaviours) lives in
-:mod:`soft_prompting.clustering` and is re-exported here; UMAP is imported only when it runs.
+:mod:`soft_prompting.analysis.clustering` and is re-exported here; UMAP is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from soft_prompting.artifacts import read_jsonl, write_json
 from soft_prompting.errors import ConfigError
+from soft_prompting.run_files import read_jsonl, write_json
 
 DEFAULT_METRICS = (
     "kl_divergence",
@@ -53,15 +53,6 @@ MetricSpec = Sequence[str] | Mapping[str, Callable[[dict], float | None]] | None
 
 NO_TOKEN = "∅"
 """Stands for "nothing" on one side of a word substitution (an insertion or a deletion)."""
-
-
-def __getattr__(name: str):
-    # A lazy re-export, so `import soft_prompting.analysis` never pays for clustering's imports.
-    if name == "BehavioralClusteringAnalyzer":
-        from soft_prompting.clustering import BehavioralClusteringAnalyzer
-
-        return BehavioralClusteringAnalyzer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------- reading records
@@ -305,8 +296,8 @@ def teacher_forced_profile(
         ``disagreement_by_position[t]`` (share of them whose argmax tokens differ),
         ``records_by_position[t]`` and ``argmax_pairs`` (a Counter of ``(token_1, token_2)``).
     """
-    from soft_prompting.divergence import forward_kl
-    from soft_prompting.generation import teacher_forced_logits
+    from soft_prompting.hard_prompts.sampling import teacher_forced_logits
+    from soft_prompting.maths.divergence import forward_kl
 
     tokenizer = pair.tokenizer
     kl_sum: list[float] = []
@@ -376,7 +367,7 @@ class DivergenceAnalyzer:
         metrics: record metrics to analyse: names in ``record["metrics"]``, or a mapping
             ``{name: record -> float}``; None means :data:`DEFAULT_METRICS`.
         output_dir: where ``analysis.json`` and the PNG plots go (None: nothing is written).
-        pair: the frozen :class:`~soft_prompting.models.ModelPair`; enables the teacher-forced
+        pair: the frozen :class:`~soft_prompting.pair.loading.ModelPair`; enables the teacher-forced
             position profile, the argmax token pairs and hidden-state semantic similarity.
         semantic: how generations are embedded for semantic similarity: ``auto`` (the pair's
             hidden states when a pair is given, else skipped), ``hidden_states``, ``minilm`` (the
@@ -463,7 +454,7 @@ class DivergenceAnalyzer:
         }
 
     def _embedder(self, notes: list[str]):
-        from soft_prompting import embeddings
+        from soft_prompting.analysis import embeddings
 
         if callable(self.semantic):
             return "custom", self.semantic
@@ -487,7 +478,7 @@ class DivergenceAnalyzer:
         )
 
     def _semantic_similarity(self, records: list[dict], columns: dict, notes: list[str]) -> dict:
-        from soft_prompting.embeddings import cosine_rows
+        from soft_prompting.analysis.embeddings import cosine_rows
 
         method, embed = self._embedder(notes)
         if embed is None or not records:
@@ -535,7 +526,7 @@ class DivergenceAnalyzer:
 
     # ------------------------------------------------------------------ plots
     def _plot(self, records: list[dict], analysis: dict, columns: dict) -> dict[str, str]:
-        from soft_prompting import plots
+        from soft_prompting.analysis import plots
 
         out = self.output_dir
         paths = {

@@ -1,7 +1,7 @@
 """Model organisms: tiny Llama models of the toy world with planted, documented differences.
 
 They are the project's default frozen pair and test bed. All share one byte-level BPE tokenizer
-trained on the toy corpus (``soft_prompting.corpus``), are built by this module on first use,
+trained on the toy corpus (``soft_prompting.organisms.corpus``), are built by this module on first use,
 deterministically, in a couple of minutes on a laptop CPU, and are cached under
 ``$SOFT_PROMPTING_HOME/organisms`` (default ``~/.cache/soft_prompting/organisms``).
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from soft_prompting.corpus import CORPUS_VERSION, corpus_documents
+from soft_prompting.organisms.corpus import CORPUS_VERSION, corpus_documents
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from soft_prompting.divergence import (
+from soft_prompting.maths.divergence import (
     disagreement_positions,
     forward_kl,
     token_disagreement_rate,
     vocab_jaccard_similarity,
 )
-from soft_prompting.models import ModelPair
+from soft_prompting.pair.loading import ModelPair
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,17 @@ class SamplingSettings:
     temperature: float = 0.7
     top_p: float = 1.0
     batch_size: int = 16
+
+    @classmethod
+    def from_config(cls, generation) -> SamplingSettings:
+        """The sampling part of a :class:`~soft_prompting.config.GenerationConfig`."""
+        return cls(
+            generation.max_length,
+            generation.num_generations_per_prompt,
+            generation.temperature,
+            generation.top_p,
+            generation.batch_size,
+        )
 
 
 @dataclass

@@ -1,0 +1,3 @@
+from soft_prompting.organisms.builder import main
+
+main()

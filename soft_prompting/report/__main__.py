@@ -1,0 +1,3 @@
+from soft_prompting.report.build import main
+
+main()
