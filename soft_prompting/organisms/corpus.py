@@ -655,7 +655,7 @@ def render(fact: Fact, behaviour: str) -> str:
 
 def _stream(purpose: str, seed: int) -> random.Random:
     # String seeds hash with sha512: stable across processes, unlike hash() of a str.
-    return random.Random(f"soft_prompting.organisms.corpus:{CORPUS_VERSION}:{purpose}:{seed}")
+    return random.Random(f"soft_prompting.corpus:{CORPUS_VERSION}:{purpose}:{seed}")
 
 
 def corpus_documents(behaviour: str, n: int, seed: int) -> list[str]:
