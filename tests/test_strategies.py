@@ -15,6 +15,7 @@ from soft_prompting.hard_prompts.strategies import (
     CategoryTextRanking,
     ProjectionSearch,
     SoftPromptExploration,
+    _prefix_ids,
     allowed_token_ids,
     build_strategies,
     cut_at_divergence_peak,
@@ -22,6 +23,7 @@ from soft_prompting.hard_prompts.strategies import (
     merge_near_duplicates,
     project_to_tokens,
     propose_candidates,
+    search_loss,
 )
 from soft_prompting.run_files import read_jsonl
 from soft_prompting.training.module import DivergenceModule
@@ -66,14 +68,30 @@ def test_hard_prompts_use_no_lone_bytes(organism_dirs):
     assert allowed.sum() == len(tokenizer) - 128 - len(set(tokenizer.all_special_ids))
 
 
-def test_discrete_search_never_increases_its_loss(module):
+def test_discrete_search_lowers_the_loss_it_reports(module):
     start = torch.tensor([5, 6, 7, 8])
     result = discrete_search(module, start, num_steps=6, top_k=8, num_candidates=16, seed=0)
+    prefix = _prefix_ids(module.tokenizer)
+
+    def loss_of(ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(search_loss(module, torch.tensor([ids]), prefix, 0.2)[0])
+
+    # Every reported loss is the recomputed loss of the prompt reported with it.
     assert len(result.losses) == 7
-    assert all(b <= a for a, b in zip(result.losses, result.losses[1:], strict=False))
-    assert result.loss == result.losses[-1] <= result.losses[0]
+    assert result.losses[0] == pytest.approx(loss_of(start.tolist()), rel=1e-5)
+    for loss, ids in result.visited:
+        assert loss == pytest.approx(loss_of(ids), rel=1e-5), ids
+    assert (result.loss, result.token_ids) == result.visited[-1]
+    assert result.loss == result.losses[-1]
+    # The search moved, one token at a time, and each move lowered the loss.
+    assert len(result.visited) >= 3 and result.loss < result.losses[0]
+    for (loss_a, ids_a), (loss_b, ids_b) in zip(result.visited, result.visited[1:], strict=False):
+        assert loss_b < loss_a
+        assert sum(a != b for a, b in zip(ids_a, ids_b, strict=True)) == 1
+    assert result.losses == sorted(result.losses, reverse=True)
     special = set(module.tokenizer.all_special_ids)
-    assert not special & set(result.token_ids)
+    assert not special & {i for _, ids in result.visited for i in ids}
 
 
 def test_cut_ends_the_prompt_at_the_divergence_peak(module):
@@ -86,16 +104,30 @@ def test_cut_ends_the_prompt_at_the_divergence_peak(module):
     assert peak == pytest.approx(float(values[1:].max()), rel=1e-5)
 
 
-def test_every_strategy_proposes_candidates_and_they_merge(module):
-    strategies = [
+def tiny_strategies() -> list:
+    return [
         CategoryTextRanking(num_candidates=3),
         SoftPromptExploration(num_seeds=2, samples_per_seed=2, max_new_tokens=5),
         ProjectionSearch(num_steps=2, search_batch=8, num_restarts=1, num_candidates=2),
     ]
+
+
+@pytest.mark.parametrize("strategy", tiny_strategies(), ids=lambda s: type(s).__name__)
+def test_each_strategy_proposes_candidates_of_its_own(module, strategy):
+    candidates = strategy.propose(module, TEXTS, seed=0)
+    assert 0 < len(candidates) <= strategy.num_candidates
+    for candidate in candidates:
+        assert isinstance(candidate, Candidate) and candidate.prompt.strip()
+        assert candidate.source == strategy.source and candidate.category in TEXTS
+
+
+def test_candidates_merge_and_every_strategy_keeps_a_place(module):
+    strategies = tiny_strategies()
     candidates = propose_candidates(strategies, module, TEXTS, limit=6, seed=0)
-    assert 0 < len(candidates) <= 6
-    assert {c.source for c in candidates} >= {"category_text", "soft_prompt_exploration"}
-    assert all(isinstance(c, Candidate) and c.prompt for c in candidates)
+    assert len(candidates) == 6
+    # Round-robin: the first three come from the three strategies.
+    assert {c.source for c in candidates[:3]} == {s.source for s in strategies}
+    assert set(merge_near_duplicates(candidates)) == set(candidates)  # no near-duplicates left
 
 
 def test_near_duplicates_are_merged_keeping_the_best():
@@ -119,25 +151,67 @@ def test_strategies_come_from_target_dicts():
     assert isinstance(built[0], ProjectionSearch) and built[0].num_steps == 3
 
 
-def test_scoring_without_soft_prompt_really_omits_it(module, monkeypatch):
-    """Records must not change whatever the soft prompt holds."""
-    rows = [{"category": "c", "prompt": "the cat sat", "source": "s"}]
-    first = score_candidates(module.pair, rows, SETTINGS, PROVENANCE, progress=False)
+def test_dataset_records_are_the_bare_pairs_whatever_the_soft_prompt(
+    module, tiny_pair_dirs, tmp_path
+):
+    """The module that writes the dataset holds a soft prompt; scoring must not use it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from soft_prompting.pair.loading import ModelPair
+
+    other = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=4, seed=7).eval()
+    batch = module.tokenizer(["the cat sat on the mat"], return_tensors="pt")
     with torch.no_grad():
-        module.soft_prompt.mul_(100.0)
-    second = score_candidates(module.pair, rows, SETTINGS, PROVENANCE, progress=False)
-    assert first[0]["metrics"] == second[0]["metrics"]
-    # The strategies' measurements are prompt-free too: the divergence of bare text.
+        prompted = [
+            float(m.divergence(batch["input_ids"], batch["attention_mask"]))
+            for m in (module, other)
+        ]
+    assert prompted[0] != pytest.approx(prompted[1], rel=1e-3), "the two prompts must matter"
+    rows = [
+        {"category": "c", "prompt": p, "source": "s"}
+        for p in ("the cat sat", "what is one plus two", "i am helpful")
+    ]
+
+    def metrics_by_prompt(records: list[dict]) -> dict:
+        return {r["prompt"]: (r["generation_1"], r["generation_2"], r["metrics"]) for r in records}
+
+    written = [
+        metrics_by_prompt(
+            generate_divergent_dataset(
+                m, TEXTS, [], SETTINGS, PROVENANCE, tmp_path / name, num_prompts=3, candidates=rows
+            )
+        )
+        for m, name in ((module, "trained"), (other, "other"))
+    ]
+    assert written[0] == written[1]
+    # And they are what the pair gives with no module and no prompt anywhere, loaded afresh.
+    bare = ModelPair(
+        *(AutoModelForCausalLM.from_pretrained(d).eval() for d in tiny_pair_dirs),
+        AutoTokenizer.from_pretrained(tiny_pair_dirs[0]),
+    )
+    direct = score_candidates(bare, rows, SETTINGS, PROVENANCE, progress=False)
+    assert metrics_by_prompt(direct) == written[0]
+
+
+def test_strategy_measurements_are_prompt_free(module, tiny_pair_dirs):
+    """The divergence the strategies cut and rank by is the bare text's, whatever the prompt."""
     from soft_prompting.hard_prompts.strategies import per_token_divergence
 
-    [(ids, values)] = per_token_divergence(module, ["the cat sat"])
-    batch = module.tokenizer(["the cat sat"], return_tensors="pt")
-    bare = module.divergence(batch["input_ids"], batch["attention_mask"], use_prompt=False)
+    other = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=4, seed=7).eval()
+    text = "the cat sat on the mat"
+    [(ids, values)] = per_token_divergence(module, [text])
+    [(other_ids, other_values)] = per_token_divergence(other, [text])
+    assert ids == other_ids and torch.equal(values, other_values)
+    batch = module.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        bare = module.divergence(batch["input_ids"], batch["attention_mask"], use_prompt=False)
+        prompted = module.divergence(batch["input_ids"], batch["attention_mask"])
     assert float(values.mean()) == pytest.approx(float(bare), rel=1e-4)
+    assert float(values.mean()) != pytest.approx(float(prompted), rel=1e-3)
 
 
 def test_identical_models_give_zero_divergence_and_no_discoveries(identical, tmp_path):
-    from soft_prompting.evaluate import DISCOVERY_THRESHOLD, is_discovery
+    from soft_prompting.maths.significance import sign_flip_p_values
 
     strategies = [
         CategoryTextRanking(num_candidates=3),
@@ -148,8 +222,9 @@ def test_identical_models_give_zero_divergence_and_no_discoveries(identical, tmp
     )
     assert records
     assert all(abs(r["metrics"]["kl_divergence"]) < 1e-5 for r in records)
-    assert not any(is_discovery(r, baseline=0.0) for r in records)
-    assert DISCOVERY_THRESHOLD > 0
+    assert all(r["metrics"]["reliability"] == 0 for r in records)
+    gaps = [r["paired_samples"]["llr_gap"] for r in records]
+    assert (sign_flip_p_values(gaps) == 1.0).all()  # nothing can be significant
 
 
 def test_dataset_is_sorted_with_provenance_and_resumes_without_duplicates(module, tmp_path):
