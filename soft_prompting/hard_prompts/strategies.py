@@ -293,14 +293,14 @@ def search_loss(module, one_hot_or_ids: torch.Tensor, prefix: list[int], fluency
     # continuation's first).
     start = max(n_pre - 1, 0) if n_pre else 0
     divergence = module.divergence_fn(logits[0][:, start:], logits[1][:, start:]).mean(-1)
-    targets = one_hot.argmax(-1)
     log_probs = logits[0].log_softmax(-1)
+    # Targets as the one-hot rows themselves (not their argmax), so the NLL's gradient reaches the
+    # token choice and the swap ranking weighs fluency, not only the divergence.
     if n_pre:
-        predicted = log_probs[:, n_pre - 1 : -1]
-        nll = -predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
+        predicted, targets = log_probs[:, n_pre - 1 : -1], one_hot
     else:  # the first token has no prediction without a prefix
-        predicted = log_probs[:, :-1]
-        nll = -predicted.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1).mean(-1)
+        predicted, targets = log_probs[:, :-1], one_hot[:, 1:]
+    nll = -(targets * predicted).sum(-1).mean(-1)
     return -divergence + fluency_weight * nll
 
 
