@@ -4,8 +4,9 @@
 # Loads a training run's Lightning checkpoint — a few kilobytes: the soft prompt and the model ids,
 # from which the frozen pair is rebuilt — regenerates a few divergent examples and plots them.
 #
-# This notebook has a script twin, `experiments/inspect_run.py` (the test suite runs it, so the two
-# cannot rot; keep their cells identical, e.g. `jupytext --sync experiments/inspect_run.ipynb`):
+# The test suite executes this notebook in a Jupyter kernel on a tiny run. It has a script twin for
+# terminals, `experiments/inspect_run.py`, with the same cells (a test checks it; keep them identical,
+# e.g. `jupytext --sync experiments/inspect_run.ipynb`):
 #
 #     RUN_DIR=outputs/experiment_1 python experiments/inspect_run.py
 

@@ -183,14 +183,43 @@ def test_the_notebook_and_its_script_twin_have_the_same_cells():
     assert all(not cell.get("outputs") for cell in notebook["cells"])  # shipped clean
 
 
-def test_the_notebook_twin_inspects_a_finished_run(finished_run):
+def python_kernel(folder: Path) -> str:
+    """A Jupyter kernel spec running this very interpreter, in ``folder`` (put on JUPYTER_PATH):
+    a user's own ``python3`` kernel may point at another Python without this package."""
+    name = "soft-prompting-test"
+    spec = folder / "kernels" / name
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": "soft_prompting tests", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    return name
+
+
+def test_the_notebook_inspects_a_finished_run(finished_run, tmp_path, monkeypatch):
+    """The notebook itself, executed cell by cell in a Jupyter kernel: a broken cell fails here."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
-    result = run_script(
-        "inspect_run.py",
-        env={"RUN_DIR": str(finished_run), "NUM_EXAMPLES": "3", "MPLBACKEND": "Agg"},
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    kernel_name = python_kernel(tmp_path / "jupyter")
+    environment = {"RUN_DIR": str(finished_run), "NUM_EXAMPLES": "3", "MPLBACKEND": "Agg"}
+    for key, value in environment.items() | {"OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process' environment
+    notebook = nbformat.read(EXPERIMENTS / "inspect_run.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, kernel_name=kernel_name, timeout=300, resources={"metadata": {"path": tmp_path}}
     )
-    assert result.stdout.count("    model_1: ") == 3
-    assert "soft prompt: (8, 32)" in result.stdout
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
+    stdout = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.get("name") == "stdout"
+    )
+    assert stdout.count("    model_1: ") == 3
+    assert "soft prompt: (8, 32)" in stdout
     png = finished_run / "inspect_run.png"
     assert png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

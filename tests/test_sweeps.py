@@ -7,6 +7,8 @@ import copy
 import gc
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import weakref
@@ -21,6 +23,8 @@ from omegaconf import open_dict, read_write
 from soft_prompting.config import register_configs
 
 register_configs()
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def tiny_overrides(tiny_pair_dirs, text_dir) -> list[str]:
@@ -164,6 +168,63 @@ def test_submitit_launcher_runs_the_jobs_with_its_local_executor(
     assert (tmp_path / ".submitit").is_dir()
     results = job_results(tmp_path)
     assert {job: r["shape"] for job, r in results.items()} == {0: (2, 32), 1: (3, 32)}
+
+
+@pytest.mark.parametrize("config_name", ["train", "compare"])
+def test_the_sweep_dir_resolves_before_hydra_config_is_set(config_name):
+    """A sweeper reads hydra.sweep.dir before Hydra sets HydraConfig, so it must not need the
+    ``${hydra:...}`` resolver (that failed every multirun without hydra.sweep.dir=...)."""
+    with initialize_config_module(config_module="soft_prompting.conf", version_base=None):
+        cfg = compose(config_name, overrides=["model_pair=toy_double"], return_hydra_config=True)
+    assert not HydraConfig.initialized()
+    assert re.fullmatch(r"multirun/(compare/)?toy_double/[0-9_-]+", cfg.hydra.sweep.dir)
+
+
+def readme_sweep_commands() -> list[str]:
+    """The README's sweep commands as it prints them: the block, the Optuna preset with a storage
+    and the local submitit launcher (the last two are printed as arguments of the first)."""
+    section = README.read_text().split("## Sweeps", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.+?)\n```", section, re.S).group(1)
+    optuna = "-m hparams_search=optuna hydra.sweeper.storage=sqlite:///optuna.db"
+    submitit = "hydra/launcher=submitit_local"
+    assert f"`{optuna}`" in section and f"`{submitit}`" in section, "the README changed"
+    return [
+        block,
+        f"python -m soft_prompting.train {optuna}",
+        f"python -m soft_prompting.train -m {submitit}",
+    ]
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_commands_run_as_printed(tiny_pair_dirs, text_dir, tmp_path):
+    """From a fresh working directory, without hydra.sweep.dir: only the tiny pair, one step and
+    one Optuna trial are appended."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cheap = tiny_overrides(tiny_pair_dirs, text_dir) + ["training.max_steps=1"]
+    jobs = []
+    for command in readme_sweep_commands():
+        args = shlex.split(command) + cheap
+        if "hparams_search=optuna" in command:
+            args.append("hydra.sweeper.n_trials=1")
+        assert args[0] == "python" and not any(a.startswith("hydra.sweep.dir") for a in args)
+        before = set(tmp_path.glob("multirun/custom/*"))
+        result = subprocess.run(
+            [sys.executable, *args[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert result.returncode == 0, command + "\n" + result.stderr[-3000:]
+        (sweep_dir,) = set(tmp_path.glob("multirun/custom/*")) - before
+        jobs.append(sorted(job_results(sweep_dir).items()))
+    grid, optuna, submitit = jobs
+    assert [(job, r["shape"][0]) for job, r in grid] == list(enumerate([4, 4, 8, 8, 16, 16]))
+    assert len(optuna) == 1 and (tmp_path / "optuna.db").is_file()
+    assert len(submitit) == 1 and (sweep_dir / ".submitit").is_dir()
 
 
 def run_job_in_process(overrides: list[str], run_dir: Path) -> float:
