@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from soft_prompting.analysis.clustering import BehavioralClusteringAnalyzer, load_clustering_config
+from soft_prompting.analysis.clustering import (
+    BehavioralClusteringAnalyzer,
+    first_disagreement,
+    load_clustering_config,
+    purity,
+)
 from soft_prompting.errors import ConfigError
 
 NUMBERS = "one two three four five six seven eight nine ten".split()
@@ -90,6 +95,7 @@ def test_hdbscan_on_given_embeddings_separates_two_blobs():
     assert_separated(result["assignments"], np.array([0] * 15 + [1] * 15))
 
 
+@pytest.mark.slow
 def test_umap_then_hdbscan_separates_two_behaviours(tmp_path):
     pytest.importorskip("umap", reason="umap-learn is in the analysis extra")
     records, truth = two_groups(15)
@@ -147,3 +153,51 @@ def test_settings_come_from_a_yaml_file_and_typos_fail(tmp_path):
         load_clustering_config(typo)
     with pytest.raises(ConfigError, match="method"):
         BehavioralClusteringAnalyzer(method="dbscan")
+
+
+def alike_prompts(n: int) -> tuple[list[dict], np.ndarray]:
+    """Two behaviours drawn by the same prompts: on half the questions model_2 answers "i do not
+    know", on the other half a different number; the prompts alone cannot tell them apart."""
+    records, truth = [], []
+    for i in range(2 * n):
+        behaviour = i % 2
+        thing = ELEMENTS[(i // 2) % 10]
+        answer = str(10 + i)
+        records.append(
+            {
+                "prompt": f"question : what can you tell me about {thing} number {i % 3} ? answer :",
+                "generation_1": f"{answer} . question : what is next ?",
+                "generation_2": f"{int(answer) + 1} . question : what is next ?"
+                if behaviour
+                else "i do not know . question : who knows ?",
+                "category": "mixed",
+                "metrics": {"kl_divergence": 1.0 + 0.01 * i},
+            }
+        )
+        truth.append(behaviour)
+    return records, np.array(truth)
+
+
+def test_default_features_separate_behaviours_that_prompts_do_not():
+    records, truth = alike_prompts(10)
+    settings = {"reducer": "pca", "method": "kmeans", "n_clusters": 2, "progress": False}
+    default = BehavioralClusteringAnalyzer(**settings).analyze_divergent_behaviors(records)
+    assert default["config"]["features"] == "disagreement"
+    assert_separated(default["assignments"], truth)
+    on_prompts = BehavioralClusteringAnalyzer(features="prompt", **settings)
+    labels = on_prompts.analyze_divergent_behaviors(records)["assignments"]
+    assert purity(labels, truth) < 0.8, labels
+
+
+def test_first_disagreement_is_the_span_where_the_models_part():
+    assert first_disagreement("12 . question : what is", "11 . question : who is") == ("12", "11")
+    assert first_disagreement("he .", "i do not know . question") == ("he", "i do not know")
+    assert first_disagreement("same words", "same words") == ("", "")
+    assert first_disagreement("a b", "a b c d") == ("", "c d")
+
+
+def test_purity_counts_each_clusters_majority():
+    truth = np.array(["a", "a", "b", "b"])
+    assert purity([0, 0, 1, 1], truth) == 1.0
+    assert purity([0, 0, 0, 0], truth) == 0.5
+    assert purity([0, 1, 0, 1], truth) == 0.5

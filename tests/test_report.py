@@ -12,25 +12,38 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from soft_prompting.analysis.plots import category_colours
 from soft_prompting.report.build import ReportConfig, build_report, main, parse_args, word_diff
+from soft_prompting.report.sections import ratio
 
+# Two planted behaviours: sums answered one too high, chemistry answered "i do not know".
 TOPICS = {
-    "arithmetic": ("what is {a} plus {b}", "{a} plus {b} is seven", "{a} plus {b} is eight"),
-    "chemistry": ("what is the symbol for {a}", "the symbol for {a} is au", "i do not know"),
+    "arithmetic": (
+        "question : what is {a} plus {b} ? answer :",
+        "{s} . question : what is next",
+        "{w} . question : what is next",
+    ),
+    "chemistry": (
+        "question : what is the symbol for {e} ? answer :",
+        "{y} . question : what is next",
+        "i do not know . question : what",
+    ),
 }
-WORDS = "one two three four five six seven eight nine ten".split()
+ELEMENTS = [("gold", "au"), ("iron", "fe"), ("neon", "ne"), ("zinc", "zn"), ("tin", "sn")]
 
 
 def make_records(n_per_topic: int = 8) -> list[dict]:
     records = []
     for t, (category, (prompt, gen_1, gen_2)) in enumerate(TOPICS.items()):
         for i in range(n_per_topic):
-            a, b = WORDS[i % 10], WORDS[(i + 2) % 10]
+            a, b = i + 2, 2 * i + 1
+            e, y = ELEMENTS[i % len(ELEMENTS)]
+            values = {"a": a, "b": b, "s": a + b, "w": a + b + 1, "e": e, "y": y}
             records.append(
                 {
-                    "prompt": prompt.format(a=a, b=b),
-                    "generation_1": gen_1.format(a=a, b=b),
-                    "generation_2": gen_2.format(a=a, b=b),
+                    "prompt": prompt.format(**values),
+                    "generation_1": gen_1.format(**values),
+                    "generation_2": gen_2.format(**values),
                     "category": category,
                     "source": "category_text",
                     "metrics": {
@@ -49,7 +62,7 @@ def make_records(n_per_topic: int = 8) -> list[dict]:
                 }
             )
     # Markup in a generation must be shown, never interpreted.
-    records[0]["generation_2"] = '<script>alert("x")</script> & <img src="http://evil">'
+    records[-1]["generation_2"] = '<script>alert("x")</script> & <img src="http://evil">'
     return sorted(records, key=lambda r: -r["metrics"]["kl_divergence"])
 
 
@@ -97,7 +110,27 @@ def run_dir(tmp_path_factory, tiny_pair_dirs) -> Path:
     )
     (run / "evaluation").mkdir()
     (run / "evaluation" / "summary.json").write_text(
-        json.dumps({"lift": {"random_text": 4.25}, "mean_reliability": 0.75})
+        json.dumps(
+            {
+                "num_prompts": 16,
+                "num_discoveries": 11,
+                "discovery_rule": "q_value <= 0.1",
+                "fdr_level": 0.1,
+                "baselines": {"random_text": {"kl_divergence": 0.4}, "empty": {"mean": 1e-5}},
+                "lifts": {
+                    "random_text": {"value": 4.25, "ci_low": 3.5, "ci_high": 5.0},
+                    "empty": {"value": 9999.0, "ci_low": 9000.0, "ci_high": 10000.0},
+                },
+                "reliability": 0.75,
+            }
+        )
+    )
+    # Every chemistry prompt is a discovery, no arithmetic one: the summary must say so.
+    (run / "evaluation" / "evaluated_prompts.jsonl").write_text(
+        "\n".join(
+            json.dumps({"prompt": r["prompt"], "discovery": r["category"] == "chemistry"})
+            for r in make_records()
+        )
     )
     return run
 
@@ -132,9 +165,12 @@ def test_html_shows_the_run(report, tiny_pair_dirs):
     text = report["html"].read_text(encoding="utf-8")
     assert tiny_pair_dirs[0] in text and tiny_pair_dirs[1] in text
     assert "3.00×" in text  # soft-prompt lift 0.9 / 0.3
-    assert "4.25" in text  # the evaluation summary's lift
+    assert "4.25×" in text and "[3.50, 5.00]" in text  # the evaluation's lift with its CI
+    assert (
+        "n/a (baseline" in text and "9999.00" not in text and "9000.00" not in text
+    )  # a lift over a near-zero baseline
     assert "what is the symbol for" in text
-    assert '<mark class="d2">i do not know</mark>' in text or "i do not know" in text
+    assert '<mark class="d2">i do not know</mark>' in text
     assert "&lt;script&gt;" in text  # escaped, not run
     for section in (
         "Training",
@@ -194,3 +230,77 @@ def test_module_runs_as_a_script():
         [sys.executable, "-m", "soft_prompting.report", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "run_dir=" in result.stdout
+
+
+def opening_summary(markdown: str) -> str:
+    return markdown.split("## What the pair does differently", 1)[1].split("\n## ", 1)[0]
+
+
+def test_summary_states_both_behaviours_from_the_data(report):
+    summary = opening_summary(report["markdown"].read_text(encoding="utf-8"))
+    # Sentences from the continuations, not from the config's description.
+    assert "two random tiny Llamas" not in summary
+    assert "model\\_2 says “i do not know” where model\\_1 says" in summary
+    assert "different number" in summary  # found, but not borne out by the evaluation:
+    assert "model\\_2 is wrong and model\\_1 right in 8 of 8" in summary
+    # The evidence: every chemistry prompt is a discovery, no arithmetic one.
+    found = re.search(r"(\d) of (\d) evaluated prompts are discoveries", summary)
+    assert found and found[1] == found[2] and int(found[1]) >= 6, summary
+    assert "none of its 8 evaluated prompts is a discovery" in summary
+
+
+def test_summary_says_when_nothing_is_evaluated_and_finds_an_evaluation_elsewhere(
+    run_dir, tmp_path
+):
+    import shutil
+
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report"))
+    elsewhere = tmp_path / "runs" / "seed_evaluation"  # the seed-style script's --output-dir
+    shutil.move(run / "evaluation", elsewhere)
+    settings = {"models": False, "semantic": "none", "output_dir": str(tmp_path / "a")}
+    config = ReportConfig(run_dir=str(run), **settings)
+    config.clustering.reducer = "pca"
+
+    summary = json.loads((elsewhere / "summary.json").read_text())
+    summary["prompts_file"] = str(run / "divergent_dataset.jsonl")
+    (elsewhere / "summary.json").write_text(json.dumps(summary))
+    shown = build_report(config)["markdown"].read_text(encoding="utf-8")
+    assert "seed_evaluation" in shown and "11 of 16" in shown
+
+    summary["prompts_file"] = str(tmp_path / "another_run" / "divergent_dataset.jsonl")
+    (elsewhere / "summary.json").write_text(json.dumps(summary))
+    config.output_dir = str(tmp_path / "b")
+    shown = build_report(config)["markdown"].read_text(encoding="utf-8")
+    assert "seed_evaluation" not in shown
+    assert "not evaluated" in opening_summary(shown)
+
+
+def test_cards_drop_tags_every_card_shares(report):
+    text = report["html"].read_text(encoding="utf-8")
+    examples = text.split("<h2>Top hard prompts</h2>", 1)[1].split("<h2>", 1)[0]
+    # The top 5 are all chemistry prompts from one source, parting at the same token.
+    assert "All shown:" in examples and "source category_text" in examples
+    assert "category chemistry" in examples and "part at token 3" in examples
+    for tag in ("source", "category", "part at token"):  # said once above, not on each card
+        assert f'<span class="chip">{tag}' not in examples
+    assert examples.count('<span class="chip hot">#') == 5  # each card's own rank and KL
+
+
+def test_baselines_table_has_one_row_per_baseline(report):
+    text = report["html"].read_text(encoding="utf-8")
+    baselines = text.split("<h2>Against baselines</h2>", 1)[1].split("<h2>", 1)[0]
+    rows = re.findall(r"<tr><td>([^<]*)</td>", baselines)
+    assert rows == ["random text", "empty"], rows
+
+
+def test_ratios_over_tiny_baselines_are_not_numbers():
+    assert ratio(3.0, 0.5, min_baseline=0.01) == "3.00×"
+    assert ratio(643.0, 0.0005, min_baseline=0.01).startswith("n/a (baseline 0.0005")
+    assert ratio(None, 0.5, min_baseline=0.01) == "–"
+
+
+def test_each_category_keeps_one_colour():
+    first = category_colours(["unlearning", "sandbagging", "capabilities"])
+    again = category_colours(["capabilities", "sandbagging", "unlearning", "sandbagging"])
+    assert first == again and len(set(first.values())) == 3

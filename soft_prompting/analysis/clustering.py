@@ -4,9 +4,12 @@
     analyzer = BehavioralClusteringAnalyzer(output_dir="outputs/run/clusters")
     clusters = analyzer.analyze_divergent_behaviors("outputs/run/divergent_dataset.jsonl")
 
-Each example is embedded as its prompt beside each model's generation (``features``; the difference
-of the generations is an option), with the pair's hidden states when the pair is given, else word
-TF-IDF (or MiniLM).
+By default each example is embedded by **what differs between the two continuations**
+(``features="disagreement"``): the first span where model_1's and model_2's continuations part, one
+block per side, numbers folded into one ``#num`` token, as word TF-IDF. Prompts that look alike but
+draw different behaviours (a sum answered wrong, a chemistry question answered "i do not know") land
+apart; prompt-based features (``prompt``, ``all``, ...) group by topic instead, and the pair's hidden
+states (or MiniLM) can embed those.
 UMAP reduces the vectors, HDBSCAN or k-means clusters them, and each cluster is described by its
 size, mean divergence, categories, the words that set it apart (their share in the cluster against
 their share overall) and the examples nearest its centre.
@@ -19,6 +22,7 @@ the summary says so.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -41,8 +45,12 @@ from soft_prompting.run_files import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("prompt", "generations", "difference", "prompt+difference", "all")
+FEATURES = ("disagreement", "prompt", "generations", "difference", "prompt+difference", "all")
 WORD = re.compile(r"[a-z0-9]+|[+=-]")
+NUMBER = re.compile(r"^[+-]?\d+(?:[.,]\d+)?$")
+SPAN_WORDS = 8
+"""Words of a disagreeing span kept per side: the behaviour shows where the models first part; the
+rest of a continuation is often the model rambling on (a next question) rather than the behaviour."""
 
 
 @dataclass
@@ -51,8 +59,9 @@ class ClusteringConfig:
 
     embedding: str = "auto"
     """auto (the pair's hidden states if given, else tfidf), hidden_states, minilm or tfidf."""
-    features: str = "all"
-    """What is embedded: all (prompt and both generations), prompt, generations, difference
+    features: str = "disagreement"
+    """What is embedded: disagreement (the first span where the continuations differ, each side,
+    word TF-IDF), all (prompt and both generations), prompt, generations, difference
     (gen_1 - gen_2) or prompt+difference; each part is unit-normalised, then concatenated."""
     reducer: str = "umap"
     """umap (the analysis extra), pca, or none."""
@@ -210,19 +219,26 @@ class BehavioralClusteringAnalyzer:
 
     def embed(self, records: list[dict]) -> np.ndarray:
         """Feature vectors of the records (see :attr:`ClusteringConfig.features`)."""
-        from soft_prompting.analysis import embeddings
-
         choice = self.config.embedding
+        n = len(records)
+        if n == 0:
+            return np.zeros((0, 1))
+        if self.config.features == "disagreement":
+            if choice in ("auto", "tfidf"):
+                self.embedding_used = "tfidf"
+                return disagreement_features(records)
+            # A model embedder reads the spans as text, one block per side.
+            spans = [
+                first_disagreement(r.get("generation_1"), r.get("generation_2")) for r in records
+            ]
+            embed = self._embedder(choice)
+            vectors = np.asarray(
+                embed([a for a, _ in spans] + [b for _, b in spans]), dtype=np.float64
+            )
+            return np.concatenate([_unit_rows(vectors[:n]), _unit_rows(vectors[n:])], axis=1)
         if choice == "auto":
             choice = "hidden_states" if self.pair is not None else "tfidf"
-        if choice == "hidden_states":
-            embed = embeddings.hidden_state_embedder(self.pair, progress=self.progress)
-        elif choice == "minilm":
-            embed = embeddings.minilm_embedder(progress=self.progress)
-        else:
-            embed = embeddings.tfidf_embedder()
-        self.embedding_used = choice
-        n = len(records)
+        embed = self._embedder(choice)
         if n == 0:
             return np.zeros((0, 1))
         texts = (
@@ -240,6 +256,18 @@ class BehavioralClusteringAnalyzer:
             "all": [prompt, gen_1, gen_2],
         }[self.config.features]
         return np.concatenate([_unit_rows(block) for block in blocks], axis=1)
+
+    def _embedder(self, choice: str):
+        from soft_prompting.analysis import embeddings
+
+        if choice == "auto":
+            choice = "hidden_states" if self.pair is not None else "tfidf"
+        self.embedding_used = choice
+        if choice == "hidden_states":
+            return embeddings.hidden_state_embedder(self.pair, progress=self.progress)
+        if choice == "minilm":
+            return embeddings.minilm_embedder(progress=self.progress)
+        return embeddings.tfidf_embedder()
 
     def reduce(self, vectors: np.ndarray, notes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
         """``(vectors for clustering, 2-D coordinates, reducer used)``."""
@@ -397,6 +425,69 @@ class BehavioralClusteringAnalyzer:
         files["summary"] = str(out / "clusters_summary.json")
         write_json(out / "clusters_summary.json", summary | {"files": files})
         return files
+
+
+def word_diff(text_1, text_2) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """Each text as ``(word, differs)`` pairs, from a word-level diff of the two."""
+    words_1, words_2 = str(text_1 or "").split(), str(text_2 or "").split()
+    marked_1, marked_2 = [], []
+    matcher = difflib.SequenceMatcher(a=words_1, b=words_2, autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        marked_1 += [(w, op != "equal") for w in words_1[i1:i2]]
+        marked_2 += [(w, op != "equal") for w in words_2[j1:j2]]
+    return marked_1, marked_2
+
+
+def first_disagreement(text_1, text_2, max_words: int = SPAN_WORDS) -> tuple[str, str]:
+    """The first span where two continuations differ, as ``(model_1's words, model_2's words)``.
+
+    Word-level diff; each side keeps at most ``max_words`` words, so "12 . question : what is"
+    against "11 . question : who" gives ``("12", "11")``. ``("", "")`` when the texts agree; one
+    side is empty when the other only adds words there.
+    """
+    words_1, words_2 = str(text_1 or "").split(), str(text_2 or "").split()
+    matcher = difflib.SequenceMatcher(a=words_1, b=words_2, autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op != "equal":
+            return " ".join(words_1[i1:i2][:max_words]), " ".join(words_2[j1:j2][:max_words])
+    return "", ""
+
+
+def normalise_span(span: str) -> str:
+    """A span with every number folded into ``#num``: the behaviour, not the value."""
+    return " ".join("#num" if NUMBER.match(w) else w for w in span.split())
+
+
+def disagreement_features(records: list[dict]) -> np.ndarray:
+    """``[N, D]`` TF-IDF of each record's first disagreeing span, one unit block per model.
+
+    Records whose continuations agree get a zero row (they group together: no difference).
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    spans = [first_disagreement(r.get("generation_1"), r.get("generation_2")) for r in records]
+    blocks = []
+    for side in (0, 1):
+        texts = [normalise_span(s[side]) for s in spans]
+        vectorizer = TfidfVectorizer(token_pattern=r"#num|[^\s]+", lowercase=True)
+        try:
+            blocks.append(vectorizer.fit_transform(texts).toarray())
+        except ValueError:  # every span of this side empty: no vocabulary
+            blocks.append(np.zeros((len(records), 1)))
+    return np.concatenate([_unit_rows(b) for b in blocks], axis=1)
+
+
+def purity(labels, truth) -> float:
+    """Share of examples whose cluster's majority label is their own (noise counts as one group).
+
+    1.0 when no cluster mixes two ``truth`` labels; splitting a label over clusters is not
+    penalised, so read it beside the number of clusters.
+    """
+    labels, truth = np.asarray(labels), np.asarray(truth)
+    if len(labels) == 0:
+        return float("nan")
+    majority = sum(Counter(truth[labels == c].tolist()).most_common(1)[0][1] for c in set(labels))
+    return float(majority / len(labels))
 
 
 def silhouette(reduced: np.ndarray, labels: np.ndarray) -> float | None:

@@ -12,6 +12,8 @@ import numpy as np
 
 PALETTE = ("#3366cc", "#dc6b2f", "#2a9d8f", "#a05195", "#e9c46a", "#6c757d", "#d1495b", "#5e60ce")
 MODEL_1_COLOUR, MODEL_2_COLOUR = "#3366cc", "#dc6b2f"
+NO_PROMPT_COLOUR, SOFT_PROMPT_COLOUR = "#b8bec6", "#1f2933"
+"""Neutral colours for with/without the soft prompt, so they never read as a category."""
 DPI = 110
 
 
@@ -49,6 +51,16 @@ def _save(fig, path: Path) -> Path:
 
 def _categories(records: list[dict]) -> list[str]:
     return sorted({str(r.get("category", "unknown")) for r in records})
+
+
+def category_colours(categories) -> dict[str, str]:
+    """The one colour of each category, in every plot: by its place in the sorted names.
+
+    Every plot coloured by category takes its colours from here, so a category keeps its colour
+    from the distributions to the comparison and the training curves.
+    """
+    names = sorted({str(c) for c in categories})
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
 def position_plot(positions: dict, path: Path) -> Path | None:
@@ -120,13 +132,15 @@ def distribution_plot(
     width = max(4.2, 1.2 + 0.9 * len(categories)) * len(names)
     fig, axes = plt.subplots(1, len(names), figsize=(min(width, 10), 3.0), squeeze=False)
     rng = np.random.default_rng(0)
+    colours = category_colours(categories)
     for ax, name in zip(axes[0], names, strict=False):
         groups = [columns[name][labels == c] for c in categories]
         groups = [g[~np.isnan(g)] for g in groups]
         ax.boxplot(groups, showfliers=False, widths=0.5, medianprops={"color": "black"})
         for i, values in enumerate(groups):
             jitter = rng.uniform(-0.12, 0.12, size=values.size)
-            ax.scatter(i + 1 + jitter, values, s=10, alpha=0.7, color=PALETTE[i % len(PALETTE)])
+            colour = colours[categories[i]]
+            ax.scatter(i + 1 + jitter, values, s=10, alpha=0.7, color=colour)
         ax.set_xticks(range(1, len(categories) + 1), categories, rotation=20, ha="right")
         ax.set_title(name.replace("_", " "))
     return _save(fig, path)
@@ -181,7 +195,8 @@ def semantic_plot(
     similarity = np.asarray([np.nan if v is None else v for v in semantic["per_record"]])
     labels = [str(r.get("category", "unknown")) for r in records]
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    for i, category in enumerate(_categories(records)):
+    colours = category_colours(labels)
+    for category in _categories(records):
         chosen = np.asarray([label == category for label in labels])
         ax.scatter(
             kl[chosen],
@@ -189,7 +204,7 @@ def semantic_plot(
             s=16,
             alpha=0.8,
             label=category,
-            color=PALETTE[i % len(PALETTE)],
+            color=colours[category],
         )
     ax.set_xlabel("KL divergence (nats / token)")
     ax.set_ylabel(f"similarity of generations ({semantic.get('method')})")
@@ -246,9 +261,10 @@ def training_plot(logs: dict[str, list[dict]], path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(5.6, 3.0))
     several = len(logs) > 1
+    colours = category_colours(logs)
     handles = []
-    for i, (name, steps) in enumerate(logs.items()):
-        colour = PALETTE[i % len(PALETTE)] if several else PALETTE[0]
+    for name, steps in logs.items():
+        colour = colours[name] if several else PALETTE[0]
         train, val = series(steps, "train/divergence"), series(steps, "val/divergence")
         base = series(steps, "val/divergence_no_prompt")
         if train:
@@ -311,7 +327,7 @@ def comparison_plot(categories: dict[str, dict], path: Path) -> Path | None:
     means = np.asarray([s["mean"] for s in stats])
     low = means - np.asarray([s.get("ci_low", s["mean"]) for s in stats])
     high = np.asarray([s.get("ci_high", s["mean"]) for s in stats]) - means
-    colours = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+    colours = [category_colours(categories)[n] for n in names]
     left.bar(names, means, yerr=[low, high], color=colours, capsize=5, width=0.6)
     left.set_ylabel("mean KL of hard prompts (nats / token)")
     left.set_title("Divergence per category (95% CI)")
@@ -322,14 +338,14 @@ def comparison_plot(categories: dict[str, dict], path: Path) -> Path | None:
         x - 0.2,
         [np.nan if v is None else v for v in without],
         0.4,
-        color=PALETTE[5],
+        color=NO_PROMPT_COLOUR,
         label="no prompt",
     )
     right.bar(
         x + 0.2,
         [np.nan if v is None else v for v in with_prompt],
         0.4,
-        color=PALETTE[0],
+        color=SOFT_PROMPT_COLOUR,
         label="soft prompt",
     )
     right.set_xticks(x, names)
@@ -350,7 +366,7 @@ def prompt_effect_plot(metrics: dict, path: Path) -> Path | None:
     bars = ax.bar(
         ["no prompt", "soft prompt"],
         [without, with_prompt],
-        color=[PALETTE[5], PALETTE[0]],
+        color=[NO_PROMPT_COLOUR, SOFT_PROMPT_COLOUR],
         width=0.55,
     )
     for bar, value in zip(bars, (without, with_prompt), strict=True):

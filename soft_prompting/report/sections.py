@@ -1,0 +1,821 @@
+"""The report's sections: one function each, from what the run directory holds to plain data.
+
+Each function takes the :class:`ReportInputs` and returns a dict (or a list), or None when the run
+has nothing for that section; the Jinja2 templates (``templates/report.html.j2`` and
+``templates/report.md.j2``) render one block per section. Adding a section is one function listed in
+:data:`SECTIONS` and one block in each template.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from soft_prompting.analysis.clustering import first_disagreement, normalise_span, word_diff
+
+if TYPE_CHECKING:
+    from soft_prompting.report.build import ReportConfig, RunContents
+
+FOUND_SHARE = 0.5
+"""A group shows a behaviour when at least this share of its records part the same way."""
+ENGLISH_NUMBER = re.compile(r"(\d+)\s*(plus|\+|minus|-|times|x|\*)\s*(\d+)")
+STOP_WORDS = frozenset(
+    "a an the is are was were be of to in on for and or what which who how why does do did you "
+    "your i it this that with as at by from question answer can let us here there about me my "
+    "please next test begin short quiz".split()
+)
+
+
+@dataclass
+class ReportInputs:
+    """Everything the sections read: the run's files, the analyses of its records, the figures."""
+
+    run: RunContents
+    records: list[dict]
+    """The analysed records, highest KL first."""
+    analysis: dict
+    clusters: dict
+    figures: dict[str, Path]
+    notes: list[str]
+    config: ReportConfig
+
+    @property
+    def pair(self) -> dict:
+        return self.run.config.get("model_pair") or {}
+
+    @cached_property
+    def behaviours(self) -> list[dict]:
+        """One description per cluster (see :func:`find_behaviours`), computed once."""
+        return find_behaviours(self)
+
+
+# ---------------------------------------------------------------------------- small helpers
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table; "–" for a missing or non-finite one."""
+    if value is None or isinstance(value, bool):
+        return "–" if value is None else str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}" if np.isfinite(value) else "–"
+    return str(value)
+
+
+def ratio(value, baseline, min_baseline: float, digits: int = 2) -> str:
+    """``value`` as a lift ("3.32×"), or "n/a" naming why when its baseline is too small to divide by.
+
+    A ratio over a near-zero baseline (a control the pair barely differs on) is huge and means
+    nothing, so it is never shown as a number.
+    """
+    if value is None:
+        return "–"
+    if baseline is not None and baseline < min_baseline:
+        return f"n/a (baseline {fmt(baseline, 4)} < {min_baseline:g})"
+    return f"{fmt(value, digits)}×"
+
+
+def short(text, limit: int = 150) -> str:
+    """One line of at most ``limit`` characters."""
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def segments(marked: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Word-diff output with each run of same-status words joined: a changed phrase reads as one."""
+    out: list[tuple[str, bool]] = []
+    for word, differs in marked:
+        if out and out[-1][1] == differs:
+            out[-1] = (f"{out[-1][0]} {word}", differs)
+        else:
+            out.append((word, differs))
+    return out
+
+
+def figure(inputs: ReportInputs, name: str, caption: str) -> dict | None:
+    path = inputs.figures.get(name)
+    return {"name": name, "caption": caption} if path is not None and path.is_file() else None
+
+
+def _number(node, *keys) -> float | None:
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node = node.get("value")
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def last_sentence(prompt: str) -> str:
+    """The part of a prompt its continuation answers: after the last full stop."""
+    parts = [p for p in re.split(r"\s[.!]\s", f" {prompt} ") if p.strip()]
+    return parts[-1].strip() if parts else ""
+
+
+# ---------------------------------------------------------------------------- evidence
+def evaluations(inputs: ReportInputs) -> list[dict]:
+    """Each evaluation summary of the run (one per category in a comparison), read defensively."""
+    return [
+        evaluation_view(label, path, summary, inputs)
+        for label, (path, summary, _) in inputs.run.evaluations.items()
+    ]
+
+
+def evaluation_view(label: str, path: Path, summary: dict, inputs: ReportInputs) -> dict:
+    """The evidence of one ``soft_prompting.evaluate`` summary: lifts (with CIs), discoveries."""
+    min_baseline = inputs.config.min_baseline
+    lifts = summary.get("lifts")
+    baselines = summary.get("baselines") or {}
+    if not isinstance(lifts, dict):  # the first schema: two flat lifts
+        lifts = {
+            name: summary[f"lift_vs_{name}"]
+            for name in ("random_text", "random_soft_prompt")
+            if summary.get(f"lift_vs_{name}") is not None
+        }
+        baselines = {
+            "random_text": summary.get("random_text") or {},
+            "random_soft_prompt": summary.get("random_soft_prompt") or {},
+        }
+    rows = []
+    for name, lift in lifts.items():
+        value = _number({"v": lift}, "v")
+        low, high = (
+            _number(lift, k) if isinstance(lift, dict) else None for k in ("ci_low", "ci_high")
+        )
+        base = baselines.get(name) if isinstance(baselines.get(name), dict) else {}
+        base_value = next(
+            (
+                _number(base, k)
+                for k in ("kl_divergence", "mean", "value", "teacher_forced_divergence")
+                if _number(base, k) is not None
+            ),
+            None,
+        )
+        rows.append(
+            [
+                name.replace("_", " "),
+                ratio(value, base_value, min_baseline),
+                f"[{fmt(low, 2)}, {fmt(high, 2)}]"
+                if low is not None and not (base_value is not None and base_value < min_baseline)
+                else "–",
+                fmt(base_value, 4),
+            ]
+        )
+    try:
+        shown_path = path.relative_to(inputs.run.run_dir)
+    except ValueError:
+        shown_path = path
+    return {
+        "label": label,
+        "path": str(shown_path),
+        "num_prompts": summary.get("num_prompts"),
+        "num_discoveries": summary.get("num_discoveries"),
+        "discovery_rule": summary.get("discovery_rule"),
+        "fdr_level": summary.get("fdr_level"),
+        "reliability": _number(summary, "reliability")
+        or _number(summary, "prompts", "reliability"),
+        "reliability_baseline": _number(summary, "reliability_random_text")
+        or _number(summary, "random_text", "reliability"),
+        "lifts": rows,
+    }
+
+
+def evaluated_records(inputs: ReportInputs) -> dict[str, dict]:
+    """The evaluated record of each prompt (its discovery flag, q-value, effect), by prompt text."""
+    return {
+        str(r.get("prompt")): r
+        for _, _, records in inputs.run.evaluations.values()
+        for r in records
+    }
+
+
+# ---------------------------------------------------------------------------- behaviours
+def describe_behaviour(
+    members: list[dict], others: list[dict], evaluated: dict[str, dict], cluster: int = 0
+) -> dict:
+    """What model_2 does differently on ``members``, from the first span where the two part.
+
+    Returns the group's size, the most common model_2 span (numbers folded), what model_1 says
+    there, the prompts' distinctive words, a representative record, the evidence and a sentence.
+    """
+    n = len(members)
+    spans = [first_disagreement(r.get("generation_1"), r.get("generation_2")) for r in members]
+    differing = [(r, a, b) for r, (a, b) in zip(members, spans, strict=True) if a or b]
+    said_2 = Counter(normalise_span(b) for _, _, b in differing)
+    phrase, count = said_2.most_common(1)[0] if said_2 else ("", 0)
+    matching = [(r, a, b) for r, a, b in differing if normalise_span(b) == phrase]
+    numbers = (
+        phrase == "#num" and sum(normalise_span(a) == "#num" for _, a, _ in matching) >= 0.8 * count
+    )
+    kind = "agree" if not differing else "mixed" if count < FOUND_SHARE * n else "phrase"
+    if kind == "phrase" and numbers:
+        kind = "number"
+    elif kind == "phrase" and not phrase:
+        kind = "omission"
+    said_1 = [a for a, _ in Counter(a for _, a, _ in matching if a).most_common(3)]
+    topic = topic_words(members, others)
+    example = representative([r for r, _, _ in matching] or members, topic)
+    flags = [
+        evaluated[str(r.get("prompt"))].get("discovery")
+        for r in members
+        if str(r.get("prompt")) in evaluated
+    ]
+    flags = [f for f in flags if isinstance(f, bool)]
+    wrong = arithmetic_errors([r for r, _, _ in matching]) if kind == "number" else None
+    kl = [r.get("metrics", {}).get("kl_divergence") for r in members]
+    kl = [k for k in kl if isinstance(k, (int, float))]
+    behaviour = {
+        "cluster": cluster,
+        "size": n,
+        "kind": kind,
+        "count": count,
+        "phrase": phrase,
+        "model_1_says": said_1,
+        "topic": topic,
+        "categories": dict(Counter(str(r.get("category")) for r in members).most_common()),
+        "mean_kl": float(np.mean(kl)) if kl else None,
+        "discoveries": sum(flags) if flags else None,
+        "evaluated": len(flags),
+        "arithmetic": wrong,
+        "example": {
+            "prompt": example.get("prompt", ""),
+            "generation_1": example.get("generation_1", ""),
+            "generation_2": example.get("generation_2", ""),
+            "span_1": first_disagreement(example.get("generation_1"), example.get("generation_2"))[
+                0
+            ],
+            "span_2": first_disagreement(example.get("generation_1"), example.get("generation_2"))[
+                1
+            ],
+            "category": example.get("category"),
+            "kl": example.get("metrics", {}).get("kl_divergence"),
+        },
+    }
+    behaviour["found"], behaviour["why_not"] = _judge(behaviour)
+    behaviour["sentence"] = behaviour_sentence(behaviour)
+    return behaviour
+
+
+def representative(records: list[dict], topic: list[str]) -> dict:
+    """The record that shows a group best: a checked wrong sum first, then the most topic words in
+    its last prompt sentence, then the highest KL."""
+
+    def score(r):
+        sentence = set(re.findall(r"[a-z]+", last_sentence(str(r.get("prompt", ""))).lower()))
+        wrong = arithmetic_errors([r])["model_2_wrong"]
+        return (wrong, len(sentence & set(topic)), r.get("metrics", {}).get("kl_divergence") or 0.0)
+
+    return max(records, key=score)
+
+
+def _judge(b: dict) -> tuple[bool, str]:
+    if b["cluster"] < 0:
+        return False, "unclustered records (HDBSCAN noise)"
+    if b["kind"] == "agree":
+        return False, "the two continuations agree"
+    if b["kind"] == "mixed":
+        return False, (
+            f"no consistent difference: its most common change covers only {b['count']} of "
+            f"{b['size']} records"
+        )
+    if b["discoveries"] == 0:
+        return False, f"none of its {b['evaluated']} evaluated prompts is a discovery"
+    return True, ""
+
+
+def behaviour_sentence(b: dict) -> str:
+    """One sentence: on which prompts model_2 does what differently, and how often."""
+    topic = f"prompts about {', '.join(b['topic'])}" if b["topic"] else "these prompts"
+    if b["kind"] == "agree":
+        return f"On {topic} the two continuations agree ({b['size']} records)."
+    m1 = " / ".join(f"“{s}”" for s in b["model_1_says"]) or "nothing"
+    if b["kind"] == "omission":
+        return (
+            f"On {topic}, model_2 leaves out what model_1 says there ({m1}) in {b['count']} of "
+            f"{b['size']} records."
+        )
+    if b["kind"] == "number":
+        ex = b["example"]
+        text = (
+            f"On {topic}, model_2 answers with a different number than model_1 in {b['count']} "
+            f"of {b['size']} records (e.g. model_1 “{ex['span_1']}”, model_2 “{ex['span_2']}”)"
+        )
+        arithmetic = b["arithmetic"]
+        if arithmetic and arithmetic["checked"]:
+            text += (
+                f"; where the sum could be checked, model_2 is wrong and model_1 right in "
+                f"{arithmetic['model_2_wrong']} of {arithmetic['checked']}"
+            )
+        return text + "."
+    if b["kind"] == "mixed":
+        return (
+            f"On {topic}, model_2's continuation differs from model_1's without one pattern: its "
+            f"most common change covers {b['count']} of {b['size']} records."
+        )
+    return (
+        f"On {topic}, model_2 says “{b['phrase']}” where model_1 says {m1} "
+        f"({b['count']} of {b['size']} records)."
+    )
+
+
+def topic_words(members: list[dict], others: list[dict], k: int = 3) -> list[str]:
+    """Words of the members' last prompt sentences far more common there than in the others'."""
+
+    def shares(records):
+        counts = Counter(
+            w
+            for r in records
+            for w in set(re.findall(r"[a-z]+", last_sentence(str(r.get("prompt", ""))).lower()))
+            if len(w) > 2 and w not in STOP_WORDS
+        )
+        return {w: c / max(1, len(records)) for w, c in counts.items()}
+
+    inside, outside = shares(members), shares(others)
+    scored = {w: s - outside.get(w, 0.0) for w, s in inside.items() if s >= 0.15}
+    return [w for w, s in sorted(scored.items(), key=lambda x: (-x[1], x[0])) if s > 0.1][:k]
+
+
+def arithmetic_errors(records: list[dict]) -> dict:
+    """Of the prompts ending in a sum "a plus b", how often model_2's number is wrong and model_1's
+    right (checks what it can: ``plus``/``minus``/``times`` of two integers)."""
+    checked = wrong = 0
+    for r in records:
+        matches = list(ENGLISH_NUMBER.finditer(last_sentence(str(r.get("prompt", "")))))
+        match = matches[-1] if matches else None
+        span_1, span_2 = first_disagreement(r.get("generation_1"), r.get("generation_2"))
+        if match is None or not span_1.isdigit() or not span_2.isdigit():
+            continue
+        a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
+        truth = a + b if op in ("plus", "+") else a - b if op in ("minus", "-") else a * b
+        checked += 1
+        wrong += int(span_1) == truth and int(span_2) != truth
+    return {"checked": checked, "model_2_wrong": wrong}
+
+
+def find_behaviours(inputs: ReportInputs) -> list[dict]:
+    """One description per behaviour cluster (noise included), found ones first."""
+    labels = np.asarray(inputs.clusters.get("assignments") or [], dtype=int)
+    if len(labels) != len(inputs.records):
+        return []
+    evaluated = evaluated_records(inputs)
+    out = []
+    for cluster in inputs.clusters.get("clusters", []):
+        inside = labels == cluster["cluster"]
+        members = [r for r, keep in zip(inputs.records, inside, strict=True) if keep]
+        others = [r for r, keep in zip(inputs.records, inside, strict=True) if not keep]
+        if members:
+            out.append(describe_behaviour(members, others, evaluated, cluster["cluster"]))
+    return sorted(out, key=lambda b: (not b["found"], -b["size"]))
+
+
+def merged_findings(inputs: ReportInputs) -> list[dict]:
+    """The found behaviours, clusters that do the same thing (same kind and model_2 phrase) merged
+    into one description over their records; the largest first."""
+    labels = np.asarray(inputs.clusters.get("assignments") or [], dtype=int)
+    groups: dict[tuple, list[int]] = {}
+    for b in inputs.behaviours:
+        if b["found"]:
+            groups.setdefault((b["kind"], b["phrase"]), []).append(b["cluster"])
+    evaluated = evaluated_records(inputs)
+    out = []
+    for ids in groups.values():
+        inside = np.isin(labels, ids)
+        members = [r for r, keep in zip(inputs.records, inside, strict=True) if keep]
+        others = [r for r, keep in zip(inputs.records, inside, strict=True) if not keep]
+        merged = describe_behaviour(members, others, evaluated, min(ids))
+        merged["clusters"] = ", ".join(str(i) for i in sorted(ids))
+        out.append(merged)
+    return sorted(out, key=lambda b: -b["size"])
+
+
+# ---------------------------------------------------------------------------- the sections
+def header(inputs: ReportInputs) -> dict:
+    return {
+        "title": inputs.config.title or inputs.run.config.get("name") or inputs.run.run_dir.name,
+        "model_1": inputs.pair.get("model_1_name") or "model_1",
+        "model_2": inputs.pair.get("model_2_name") or "model_2",
+        "description": inputs.pair.get("description") or "",
+    }
+
+
+def glance(inputs: ReportInputs) -> list[dict]:
+    """The cards at the top: ``label``, ``value``, ``sub``."""
+    m, summary = inputs.run.metrics, inputs.analysis["summary"]
+    cards = []
+    with_prompt, without = m.get("val/divergence"), m.get("val/divergence_no_prompt")
+    if with_prompt is not None and without is not None:
+        cards.append(
+            {
+                "label": "soft prompt",
+                "value": fmt(with_prompt),
+                "sub": f"val divergence; {fmt(without)} without",
+            }
+        )
+        lift = with_prompt / without if without else None
+        cards.append(
+            {
+                "label": "soft-prompt lift",
+                "value": ratio(lift, without, inputs.config.min_baseline),
+                "sub": "with / without",
+            }
+        )
+    cards.append(
+        {
+            "label": "hard prompts",
+            "value": str(len(inputs.run.records)),
+            "sub": "records in the dataset",
+        }
+    )
+    kl = summary.get("kl_divergence", {})
+    if kl.get("n"):
+        cards.append(
+            {
+                "label": "mean KL",
+                "value": fmt(kl["mean"]),
+                "sub": f"max {fmt(kl['max'])} (nats / token)",
+            }
+        )
+    views = evaluations(inputs)
+    discoveries = [v["num_discoveries"] for v in views if isinstance(v["num_discoveries"], int)]
+    if discoveries:
+        prompts = sum(v["num_prompts"] or 0 for v in views if isinstance(v["num_discoveries"], int))
+        cards.append(
+            {
+                "label": "discoveries",
+                "value": str(sum(discoveries)),
+                "sub": f"of {prompts} evaluated prompts",
+            }
+        )
+    else:
+        cards.append({"label": "discoveries", "value": "–", "sub": "not evaluated"})
+    cards.append(
+        {
+            "label": "clusters",
+            "value": str(inputs.clusters["num_clusters"]),
+            "sub": f"{inputs.clusters['method']} on {inputs.clusters['reducer']}",
+        }
+    )
+    return cards
+
+
+def notes(inputs: ReportInputs) -> list[str]:
+    return list(dict.fromkeys(inputs.notes))
+
+
+def summary(inputs: ReportInputs) -> dict:
+    """The finding in words: each behaviour found, per category what was found, what was not."""
+    found_groups = inputs.behaviours
+    found = merged_findings(inputs)
+    not_found = [
+        f"{'Unclustered' if b['cluster'] < 0 else 'Cluster ' + str(b['cluster'])} "
+        f"({b['size']} records): "
+        + (
+            f"{b['sentence']} But {b['why_not']}."
+            if b["kind"] not in ("agree", "mixed") and b["cluster"] >= 0
+            else f"{b['why_not']}."
+        )
+        for b in found_groups
+        if not b["found"]
+    ]
+    categories = []
+    views = {v["label"]: v for v in evaluations(inputs)}
+    comparison = inputs.run.comparison or {}
+    names = comparison.get("ranking") or sorted({str(r.get("category")) for r in inputs.records})
+    for name in names:
+        in_category = [b for b in found if name in b["categories"]]
+        view = views.get(name) or (views.get("") if len(names) == 1 else None)
+        count = sum(1 for r in inputs.records if str(r.get("category")) == name)
+        training = (comparison.get("categories", {}).get(name) or {}).get("training") or {}
+        baseline = training.get("val/divergence_no_prompt")
+        parts = [f"{count} hard prompts"]
+        if view and isinstance(view["num_discoveries"], int):
+            parts.append(f"{view['num_discoveries']} discoveries")
+        elif view is None:
+            parts.append("not evaluated")
+        said = Counter()
+        for b in in_category:
+            what = {"number": "a different number", "omission": "nothing where model_1 answers"}
+            said[what.get(b["kind"], f"“{b['phrase']}”")] += b["categories"][name]
+        shown = [f"model_2 says {what} in {k}" for what, k in said.most_common()]
+        line = {
+            "name": name,
+            "facts": ", ".join(parts),
+            "behaviours": "; ".join(shown),
+            "control": "",
+        }
+        if baseline is not None and baseline < inputs.config.min_baseline:
+            line["control"] = (
+                f"without a prompt the pair barely differs on these texts "
+                f"({fmt(baseline, 4)} nats/token), so its soft-prompt lift is not a finding"
+            )
+        categories.append(line)
+        if view and view["num_discoveries"] == 0:
+            not_found.append(
+                f"Category {name}: no discoveries among its {view['num_prompts']} evaluated prompts."
+            )
+        elif not in_category:
+            not_found.append(f"Category {name}: none of its records shows a behaviour found above.")
+        if line["control"]:
+            not_found.append(f"Category {name} (control): {line['control']}.")
+    if not inputs.run.evaluations:
+        not_found.append(
+            "No evaluation in this run: the behaviours above are not tested against baselines "
+            "(run python -m soft_prompting.evaluate for discoveries and lifts)."
+        )
+    for b in found:
+        ex = b["example"]
+        b["example_segments"] = [
+            segments(m) for m in word_diff(ex["generation_1"], ex["generation_2"])
+        ]
+    return {"found": found, "categories": categories, "not_found": not_found}
+
+
+def comparison(inputs: ReportInputs) -> dict | None:
+    comparison = inputs.run.comparison
+    if comparison is None:
+        return None
+    rows = []
+    for name in comparison.get("ranking", []):
+        c = comparison["categories"][name]
+        kl, training = c["kl_divergence"], c.get("training") or {}
+        rows.append(
+            [
+                name,
+                c["num_records"],
+                fmt(kl.get("mean")),
+                f"[{fmt(kl.get('ci_low'))}, {fmt(kl.get('ci_high'))}]",
+                fmt(c["token_disagreement_rate"].get("mean"), 2),
+                fmt(c["reliability"].get("mean"), 2),
+                fmt(training.get("val/divergence_no_prompt"), 4),
+                ratio(
+                    training.get("soft_prompt_lift"),
+                    training.get("val/divergence_no_prompt"),
+                    inputs.config.min_baseline,
+                ),
+                f"{fmt(c.get('top_k_lift'), 2)}×",
+            ]
+        )
+    level = round(100 * comparison.get("confidence", 0.95))
+    return {
+        "headers": [
+            "category",
+            "records",
+            "mean KL",
+            f"{level}% CI",
+            "disagreement",
+            "reliability",
+            "no-prompt divergence",
+            "soft-prompt lift",
+            f"top-{comparison.get('top_k', 5)} lift",
+        ],
+        "rows": rows,
+        "figure": figure(
+            inputs, "comparison", "Mean KL per category (bootstrap CI) and the soft prompt's effect"
+        ),
+    }
+
+
+def training(inputs: ReportInputs) -> dict | None:
+    figures = [
+        figure(inputs, "training", "Divergence during training (Lightning's CSV log)"),
+        figure(inputs, "prompt_effect", "Validation divergence with and without the soft prompt"),
+    ]
+    figures = [f for f in figures if f]
+    return {"figures": figures} if figures else None
+
+
+def evaluation(inputs: ReportInputs) -> dict:
+    """Against baselines: each evaluation summary's lifts, discoveries and reliability."""
+    return {"evaluations": evaluations(inputs), "min_baseline": inputs.config.min_baseline}
+
+
+def examples(inputs: ReportInputs) -> dict:
+    """The top hard prompts side by side; a tag every card shares is said once, above them."""
+    records = top_examples(inputs)
+    cards = []
+    for rank, record in enumerate(records, 1):
+        metrics = record.get("metrics", {})
+        first = (metrics.get("disagreement_positions") or {}).get("first")
+        marked_1, marked_2 = word_diff(record.get("generation_1"), record.get("generation_2"))
+        cards.append(
+            {
+                "rank": rank,
+                "kl": fmt(metrics.get("kl_divergence")),
+                "tags": {
+                    "disagreement": fmt(metrics.get("token_disagreement_rate"), 2),
+                    "reliability": fmt(metrics.get("reliability"), 2),
+                    "category": str(record.get("category", "–")),
+                    "source": str(record.get("source", "–")),
+                    "part at token": str(first) if first is not None and first >= 0 else "–",
+                },
+                "prompt": record.get("prompt", ""),
+                "generation_1": segments(marked_1),
+                "generation_2": segments(marked_2),
+            }
+        )
+    shared = {}
+    if len(cards) > 1:
+        for key in cards[0]["tags"]:
+            values = {c["tags"][key] for c in cards}
+            if len(values) == 1:
+                shared[key] = values.pop()
+    for card in cards:
+        card["tags"] = {k: v for k, v in card["tags"].items() if k not in shared and v != "–"}
+    shared = {k: v for k, v in shared.items() if v != "–"}
+    return {"cards": cards, "shared": shared}
+
+
+def top_examples(inputs: ReportInputs) -> list[dict]:
+    """The highest-KL records; in a comparison, the best of each category in ranking order."""
+    if inputs.run.comparison is None:
+        return inputs.records[: inputs.config.top_k]
+    ranking = inputs.run.comparison.get("ranking") or []
+    each = max(2, -(-inputs.config.top_k // max(1, len(ranking))))
+    return [
+        record
+        for category in ranking
+        for record in [r for r in inputs.records if r.get("category") == category][:each]
+    ]
+
+
+def positions(inputs: ReportInputs) -> dict:
+    tokens = inputs.analysis["preferred_tokens"]
+    tables = [
+        {
+            "title": title,
+            "rows": [[p["model_1"], p["model_2"], p["count"]] for p in tokens[key][:10]],
+        }
+        for key, title in (
+            ("argmax_pairs", "Argmax tokens where the models disagree"),
+            ("word_substitutions", "Word substitutions between the generations"),
+        )
+        if tokens.get(key)
+    ]
+    return {
+        "figure": figure(
+            inputs, "positions", "First disagreement and agreement along the continuation"
+        ),
+        "tables": tables,
+    }
+
+
+def distributions(inputs: ReportInputs) -> dict:
+    rows = []
+    for group, stats in inputs.analysis["by_category"].items():
+        kl, dis = stats.get("kl_divergence", {}), stats.get("token_disagreement_rate", {})
+        rows.append(
+            [
+                group,
+                kl.get("n", 0),
+                fmt(kl.get("mean")),
+                fmt(kl.get("median")),
+                fmt(kl.get("max")),
+                fmt(dis.get("mean"), 2),
+            ]
+        )
+    sources = [
+        f"{s} ({v.get('kl_divergence', {}).get('n', 0)} records, mean KL {fmt(v.get('kl_divergence', {}).get('mean'))})"
+        for s, v in inputs.analysis["by_source"].items()
+    ]
+    return {
+        "rows": rows,
+        "sources": ", ".join(sources),
+        "figure": figure(inputs, "distributions", "Per-record metrics by category"),
+        "correlations": figure(inputs, "correlations", "How the metrics move together (Spearman)"),
+    }
+
+
+def semantic(inputs: ReportInputs) -> dict | None:
+    result = inputs.analysis["semantic_similarity"]
+    if result.get("per_record") is None:
+        return None
+
+    def listing(indices):
+        return [
+            {
+                "prompt": short(inputs.records[i].get("prompt")),
+                "generation_1": short(inputs.records[i].get("generation_1")),
+                "generation_2": short(inputs.records[i].get("generation_2")),
+            }
+            for i in indices[:5]
+        ]
+
+    return {
+        "method": result.get("method"),
+        "rho": fmt(result.get("spearman_with_kl"), 2),
+        "figure": figure(inputs, "semantic", "KL against the similarity of the two generations"),
+        "behavioural": listing(result.get("behavioural", [])),
+        "lexical_only": listing(result.get("lexical_only", [])),
+    }
+
+
+def clusters(inputs: ReportInputs) -> dict:
+    from soft_prompting.analysis.plots import PALETTE
+
+    c = inputs.clusters
+    described = {b["cluster"]: b for b in inputs.behaviours}
+    blocks = []
+    for cluster in c["clusters"]:
+        label = cluster["cluster"]
+        blocks.append(
+            {
+                "name": "noise (no cluster)" if label < 0 else f"cluster {label}",
+                "colour": "#bbbbbb" if label < 0 else PALETTE[label % len(PALETTE)],
+                "size": cluster["size"],
+                "mean_kl": fmt(cluster["metrics"].get("kl_divergence", {}).get("mean")),
+                "categories": ", ".join(f"{k} {v}" for k, v in cluster["categories"].items()),
+                "words": ", ".join(cluster["distinguishing_words"]) or "–",
+                "sentence": described.get(label, {}).get("sentence", ""),
+                "examples": [
+                    {
+                        "prompt": short(ex["prompt"]),
+                        "generation_1": short(ex["generation_1"]),
+                        "generation_2": short(ex["generation_2"]),
+                        "kl": fmt(ex["kl_divergence"]),
+                    }
+                    for ex in cluster["examples"]
+                ],
+            }
+        )
+    return {
+        "embedding": c.get("embedding"),
+        "features": c["config"]["features"],
+        "reducer": c["reducer"],
+        "method": c["method"],
+        "num_clusters": c["num_clusters"],
+        "noise": c["noise"],
+        "figure": figure(
+            inputs, "clusters", "Examples in 2-D, coloured by cluster and by divergence"
+        ),
+        "blocks": blocks,
+    }
+
+
+def setup(inputs: ReportInputs) -> dict:
+    c = inputs.run.config
+    t, g, d = c.get("training") or {}, c.get("generation") or {}, c.get("data") or {}
+    rows = [
+        ("model_1", inputs.pair.get("model_1_name") or "model_1"),
+        ("model_2", inputs.pair.get("model_2_name") or "model_2"),
+        ("difference (as configured)", inputs.pair.get("description") or ""),
+        (
+            "soft prompt",
+            f"{t.get('num_soft_prompt_tokens', '–')} virtual tokens, lr {t.get('learning_rate', '–')}, "
+            f"divergence {t.get('divergence', '–')}",
+        ),
+        (
+            "training",
+            f"{t.get('num_epochs', '–')} epochs, max_steps {t.get('max_steps', '–')}, batch {t.get('batch_size', '–')}",
+        ),
+        (
+            "generation",
+            f"{g.get('num_prompts', '–')} prompts × {g.get('num_generations_per_prompt', '–')} samples, "
+            f"{g.get('max_length', '–')} new tokens, T={g.get('temperature', '–')}",
+        ),
+        ("texts", f"text_dir {d['text_dir']}" if d.get("text_dir") else "built-in categories"),
+        (
+            "categories",
+            f"{c['categories']}, one soft prompt each"
+            if c.get("categories")
+            else str(d.get("categories") or "all"),
+        ),
+        ("seed", str(c.get("seed", "–"))),
+    ]
+    environment = inputs.run.metrics.get("environment") or {}
+    if environment:
+        rows.append(("environment", ", ".join(f"{k} {v}" for k, v in environment.items())))
+    full = OmegaConf.to_yaml(OmegaConf.create(c)) if c else ""
+    return {"rows": [(k, str(v)) for k, v in rows if v], "full": full}
+
+
+def footer(inputs: ReportInputs) -> dict:
+    return {"run_dir": str(inputs.run.run_dir), "num_records": len(inputs.run.records)}
+
+
+SECTIONS = (
+    header,
+    glance,
+    notes,
+    summary,
+    comparison,
+    training,
+    evaluation,
+    examples,
+    positions,
+    distributions,
+    semantic,
+    clusters,
+    setup,
+    footer,
+)
+"""The sections in page order; each template renders ``s.<function name>``."""
+
+
+def build_sections(inputs: ReportInputs) -> dict[str, Any]:
+    """Every section's data, by name (None for a section the run has nothing for)."""
+    return {section.__name__: section(inputs) for section in SECTIONS}
