@@ -1,16 +1,21 @@
 """Typed config schemas behind the YAML files in ``conf/``.
 
-Registered in Hydra's ConfigStore, so a key that does not exist or a value of the wrong type fails
-at compose time and names the key. Range checks live in ``__post_init__`` and run when the train
-entrypoint turns the composed config into these dataclasses (:func:`to_train_config`).
+Registered in Hydra's ConfigStore, so a key that does not exist, a value of the wrong type or a
+choice outside its :class:`Choice` Enum fails at compose time and names the key (and the allowed
+values). These dataclasses own every default: the YAML files in ``conf/`` only select presets and
+override (tests/test_config.py holds them to it), so the command line and the Python API
+(:func:`load_train_config`) start from the same values. Range checks live in ``__post_init__`` and
+run when an entrypoint turns the composed config into these dataclasses (:func:`to_train_config`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +25,113 @@ from omegaconf.errors import OmegaConfBaseException
 
 from soft_prompting.errors import ConfigError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+class Choice(str, Enum):
+    """A config value picked from a fixed set: Hydra refuses any other value at compose time,
+    naming the allowed ones. It compares, prints and serialises as its plain string, so member
+    names are the values users type (``training.divergence=js``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Divergence(Choice):
+    """What the soft prompt maximises (the names of ``soft_prompting.maths.divergence.DIVERGENCES``)."""
+
+    kl = "kl"
+    reverse_kl = "reverse_kl"
+    js = "js"
+
+
+class PromptInit(Choice):
+    """How the soft prompt starts."""
+
+    random = "random"
+    text = "text"
+
+
+class TorchDtype(Choice):
+    """The frozen pair's weights dtype."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DeviceMap(Choice):
+    """How each model of the pair is placed across GPUs (null: each model whole)."""
+
+    split = "split"
+
+
 DEFAULT_STRATEGIES = (
     {"_target_": "soft_prompting.hard_prompts.strategies.CategoryTextRanking"},
     {"_target_": "soft_prompting.hard_prompts.strategies.SoftPromptExploration"},
     {"_target_": "soft_prompting.hard_prompts.strategies.ProjectionSearch"},
 )
-INITS = ("random", "text")
+"""Where candidate hard prompts come from; their candidates are merged, near-duplicates dropped,
+and ``generation.num_prompts`` of them scored without the soft prompt."""
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every :class:`Choice` replaced by its string, inside dicts and lists too:
+    what checkpoints, logs and records hold (never an Enum, which only unpickling could read)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(item) for item in value)
+    return value
+
+
+def _choice(enum: type[Choice], value: Any, key: str) -> Choice | None:
+    """``value`` as a member of ``enum`` (None stays None): the Python API passes plain strings."""
+    if value is None or isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise ConfigError(
+            f"{key}={value!r}: use one of {', '.join(m.value for m in enum)}"
+        ) from None
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _check_categories(categories: list[str] | None, data: DataConfig, key: str) -> None:
+    """Unknown categories fail at compose time, before any model loads: the built-in ones are
+    known, and so are the files of an existing ``data.text_dir`` (a missing folder is reported
+    when the run starts; a Hugging Face dataset's categories are known only once it loads)."""
+    if not categories or data.hf_dataset:
+        return
+    if data.text_dir:
+        folder = Path(data.text_dir).expanduser()
+        if not folder.is_dir():
+            return
+        known = sorted({p.stem for p in folder.iterdir() if p.suffix in (".txt", ".jsonl")})
+        where = f"files in {folder}"
+    else:
+        from soft_prompting.organisms.corpus import BUILTIN_CATEGORIES
+
+        known, where = list(BUILTIN_CATEGORIES), "built-in categories"
+    unknown = [name for name in categories if name not in known]
+    _require(
+        not unknown,
+        f"{key}={unknown} not found: the {where} are {known}; fix {key}, or give your own "
+        "texts with data.text_dir=FOLDER (one NAME.txt a category)",
+    )
 
 
 @dataclass
@@ -48,7 +148,7 @@ class ModelPairConfig:
     """Pinned hub revision (branch, tag or commit) of model_1."""
     revision_2: str | None = None
     """Pinned hub revision of model_2."""
-    torch_dtype: str = "auto"
+    torch_dtype: TorchDtype = TorchDtype.auto
     """Weights dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16."""
     load_in_8bit: bool = False
     """Quantise both frozen models to 8 bits with bitsandbytes (CUDA only)."""
@@ -56,19 +156,13 @@ class ModelPairConfig:
     """Quantise both frozen models to 4 bits (NF4) with bitsandbytes (CUDA only)."""
     trust_remote_code: bool = False
     """Run modelling code shipped with a hub repository. Off unless you trust its authors."""
-    device_map: str | None = None
+    device_map: DeviceMap | None = None
     """``split``: spread each model's decoder layers over all visible GPUs of this process, the
     embeddings and heads on the first (for a pair too large for one GPU); null: each model whole."""
 
     def __post_init__(self) -> None:
-        _require(
-            self.device_map in (None, "split"),
-            f"model_pair.device_map={self.device_map!r}: use split or null",
-        )
-        _require(
-            self.torch_dtype in DTYPES,
-            f"model_pair.torch_dtype={self.torch_dtype!r}: use one of {list(DTYPES)}",
-        )
+        self.torch_dtype = _choice(TorchDtype, self.torch_dtype, "model_pair.torch_dtype")
+        self.device_map = _choice(DeviceMap, self.device_map, "model_pair.device_map")
         _require(
             not (self.load_in_8bit and self.load_in_4bit),
             "model_pair.load_in_8bit and model_pair.load_in_4bit are both true: pick one",
@@ -89,9 +183,9 @@ class TrainingConfig:
     """Passes over the training texts."""
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: run ``num_epochs``)."""
-    divergence: str = "kl"
+    divergence: Divergence = Divergence.kl
     """What to maximise: kl (KL(p1||p2)), reverse_kl (KL(p2||p1)) or js (Jensen-Shannon)."""
-    init: str = "random"
+    init: PromptInit = PromptInit.random
     """Soft-prompt initialisation: random (scaled like real embeddings) or text (``init_text``)."""
     init_text: str = ""
     """Text whose token embeddings initialise the prompt when ``init=text``."""
@@ -136,8 +230,27 @@ class TrainingConfig:
             "virtual token (4-16 is typical)",
         )
         _require(
-            self.learning_rate > 0,
-            f"training.learning_rate={self.learning_rate}: must be > 0 (try 0.03)",
+            self.learning_rate > 0 and _finite(self.learning_rate),
+            f"training.learning_rate={self.learning_rate}: must be a finite number > 0 (try 0.03)",
+        )
+        _require(
+            self.weight_decay >= 0 and _finite(self.weight_decay),
+            f"training.weight_decay={self.weight_decay}: must be a finite number >= 0",
+        )
+        _require(
+            self.gradient_clip_val >= 0 and _finite(self.gradient_clip_val),
+            f"training.gradient_clip_val={self.gradient_clip_val}: must be a finite number >= 0 "
+            "(0 disables clipping)",
+        )
+        _require(
+            self.val_check_interval > 0 and _finite(self.val_check_interval),
+            f"training.val_check_interval={self.val_check_interval}: use a fraction of an epoch "
+            "in (0, 1] or a step count > 1",
+        )
+        _require(
+            self.accelerator not in ("gpu", "cuda") or _cuda_available(),
+            f"training.accelerator={self.accelerator} but this machine has no CUDA GPU: use "
+            "training.accelerator=auto or cpu",
         )
         _require(self.batch_size >= 1, f"training.batch_size={self.batch_size}: must be >= 1")
         _require(self.num_epochs >= 1, f"training.num_epochs={self.num_epochs}: must be >= 1")
@@ -145,13 +258,10 @@ class TrainingConfig:
             self.max_steps == -1 or self.max_steps >= 1,
             f"training.max_steps={self.max_steps}: use -1 (no limit) or a positive count",
         )
+        self.divergence = _choice(Divergence, self.divergence, "training.divergence")
+        self.init = _choice(PromptInit, self.init, "training.init")
         _require(
-            self.divergence in ("kl", "reverse_kl", "js"),
-            f"training.divergence={self.divergence!r}: use kl, reverse_kl or js",
-        )
-        _require(self.init in INITS, f"training.init={self.init!r}: use one of {list(INITS)}")
-        _require(
-            self.init != "text" or bool(self.init_text.strip()),
+            self.init != PromptInit.text or bool(self.init_text.strip()),
             "training.init=text needs training.init_text='some words'",
         )
         _require(
@@ -167,7 +277,9 @@ class TrainingConfig:
             "which shards the pair's layers",
         )
         _require(
-            self.on_policy_weight >= 0 and self.on_policy_tokens >= 1,
+            self.on_policy_weight >= 0
+            and _finite(self.on_policy_weight)
+            and self.on_policy_tokens >= 1,
             "training.on_policy_weight must be >= 0 and training.on_policy_tokens >= 1",
         )
         _require(
@@ -193,7 +305,7 @@ class GenerationConfig:
     batch_size: int = 16
     """Prompts generated in one batch."""
     strategies: list[Any] = field(default_factory=lambda: [dict(s) for s in DEFAULT_STRATEGIES])
-    """Hard-prompt strategies: ``{_target_: ..., arg: value}`` dicts (soft_prompting/strategies.py)."""
+    """Hard-prompt strategies: ``{_target_: ..., arg: value}`` dicts (soft_prompting/hard_prompts/strategies.py)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -207,8 +319,9 @@ class GenerationConfig:
             f"generation.num_generations_per_prompt={self.num_generations_per_prompt}: must be >= 1",
         )
         _require(
-            self.temperature >= 0,
-            f"generation.temperature={self.temperature}: must be >= 0 (0 means greedy)",
+            self.temperature >= 0 and _finite(self.temperature),
+            f"generation.temperature={self.temperature}: must be a finite number >= 0 (0 means "
+            "greedy)",
         )
         _require(
             0 < self.top_p <= 1,
@@ -256,6 +369,7 @@ class DataConfig:
             self.categories is None or len(self.categories) > 0,
             "data.categories is an empty list: name at least one category or set it to null",
         )
+        _check_categories(self.categories, self, "data.categories")
 
 
 @dataclass
@@ -335,6 +449,7 @@ class CompareConfig:
             self.categories is None or len(self.categories) > 0,
             "categories is an empty list: name at least one, e.g. categories=[sandbagging,unlearning]",
         )
+        _check_categories(self.categories, self.data, "categories")
         _require(self.top_k >= 1, f"top_k={self.top_k}: must be >= 1")
         _require(0 < self.confidence < 1, f"confidence={self.confidence}: must be in (0, 1)")
         _require(
@@ -348,6 +463,12 @@ class CompareConfig:
             "python -m soft_prompting.train and aggregate them with runs=[...], or compare with "
             "model_pair.device_map=split",
         )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def register_configs() -> None:
@@ -484,6 +605,8 @@ def to_overrides(config: Mapping, prefix: str = "") -> list[str]:
 
 
 def _override_value(value) -> str:
+    if isinstance(value, Enum):
+        value = value.value
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from soft_prompting import run_files
-from soft_prompting.config import TrainConfig
+from soft_prompting.config import TrainConfig, plain
 from soft_prompting.data.datamodule import CategoryTextDataModule
 from soft_prompting.errors import ConfigError, RunDirError
 from soft_prompting.hard_prompts.dataset import generate_divergent_dataset
@@ -28,14 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def module_args(config: TrainConfig) -> dict:
-    """The module's plain hyperparameters (what its checkpoint saves)."""
+    """The module's plain hyperparameters (what its checkpoint saves): the config's Enums become
+    their strings, so a checkpoint loads with ``weights_only=True`` and without this package."""
     pair, t = vars(config.model_pair), config.training
-    return {k: v for k, v in pair.items() if k != "description"} | {
+    return plain({k: v for k, v in pair.items() if k != "description"}) | {
         "seed": config.seed,
         "num_soft_prompt_tokens": t.num_soft_prompt_tokens,
         "learning_rate": t.learning_rate,
-        "divergence": t.divergence,
-        "init": t.init,
+        "divergence": plain(t.divergence),
+        "init": plain(t.init),
         "init_text": t.init_text,
         "norm_constraint": t.norm_constraint,
         "weight_decay": t.weight_decay,
@@ -79,7 +80,10 @@ def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer
         use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
         default_root_dir=str(run_dir),
         logger=build_loggers(
-            config.wandb, run_dir, config.name, OmegaConf.to_container(OmegaConf.structured(config))
+            config.wandb,
+            run_dir,
+            config.name,
+            OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True),
         ),
         callbacks=[
             ModelCheckpoint(
