@@ -35,29 +35,6 @@ def balanced_prompts(
     return picked
 
 
-def build_divergent_dataset(
-    pair: ModelPair,
-    candidates: list[tuple[str, str]],
-    settings: SamplingSettings,
-    provenance: dict,
-    source: str = "category_text",
-    seed: int = 0,
-) -> list[dict]:
-    """Score ``(category, prompt)`` candidates without soft prompt; records sorted by KL, highest first.
-
-    Args:
-        pair: the frozen model pair.
-        candidates: ``(category, prompt)`` pairs.
-        settings: sampling settings of the continuations.
-        provenance: what makes each record self-describing (model ids, checkpoint, seed), copied
-            into every record.
-        source: the strategy that proposed the candidates.
-        seed: sampling seed.
-    """
-    rows = [{"category": c, "prompt": p, "source": source} for c, p in candidates]
-    return sort_by_divergence(score_candidates(pair, rows, settings, provenance, seed=seed))
-
-
 def sort_by_divergence(records: list[dict]) -> list[dict]:
     """Records sorted by ``metrics.kl_divergence``, highest first."""
     return sorted(records, key=lambda r: r["metrics"]["kl_divergence"], reverse=True)

@@ -184,14 +184,17 @@ class DivergenceModule(pl.LightningModule):
             position ``t`` predicts text token ``t + 1``.
         """
         self._sync_pair_device()
-        if use_prompt:
-            prompt = self.soft_prompt if prompt is None else prompt
-        else:
-            prompt = None
+        prompt = self._prompt(use_prompt, prompt)
         return tuple(
             self._model_logits(model, input_ids, attention_mask, prompt)
             for model in (self.pair.model_1, self.pair.model_2)
         )
+
+    def _prompt(self, use_prompt: bool, prompt: torch.Tensor | None) -> torch.Tensor | None:
+        """The embeddings to prepend: ``prompt`` if given, else the trained one; None without."""
+        if not use_prompt:
+            return None
+        return self.soft_prompt if prompt is None else prompt
 
     def _model_inputs(
         self,
@@ -261,10 +264,7 @@ class DivergenceModule(pl.LightningModule):
         """
         if self.fused_head:
             self._sync_pair_device()
-            if use_prompt:
-                prompt = self.soft_prompt if prompt is None else prompt
-            else:
-                prompt = None
+            prompt = self._prompt(use_prompt, prompt)
             models = (self.pair.model_1, self.pair.model_2)
             hidden_1, hidden_2 = (
                 self._text_hidden_states(m, input_ids, attention_mask, prompt) for m in models
