@@ -6,6 +6,7 @@ first run this file takes well under a minute.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -195,8 +196,32 @@ def kl_texts() -> dict[str, list[str]]:
     return texts
 
 
-def test_base_against_itself_has_zero_kl(models, tokenizer, kl_texts):
-    assert mean_token_kl(models["base"], models["base"], tokenizer, kl_texts["persona"]) == 0.0
+@torch.no_grad()
+def reference_token_kl(p_model, q_model, tokenizer, texts: list[str]) -> float:
+    """:func:`mean_token_kl` in float64, one unpadded text at a time."""
+    p_model, q_model = (copy.deepcopy(m).double() for m in (p_model, q_model))
+    values = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        log_p, log_q = (m(input_ids=ids).logits[0].log_softmax(-1) for m in (p_model, q_model))
+        values.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    return torch.cat(values).mean().item()
+
+
+def test_the_token_kl_is_the_reference_kl_and_zero_between_two_loads_of_one_model(
+    models, organism_dirs, tokenizer, kl_texts
+):
+    """The measure the planted-domain tests rest on: padded batches give the float64 per-text
+    value, and two loads of one organism are one function (a weight missing from the folder would
+    be initialised at random)."""
+    texts = kl_texts["sandbagging"][:24]
+    assert len({len(tokenizer(t)["input_ids"]) for t in texts}) > 1  # the batch is padded
+    reloaded = AutoModelForCausalLM.from_pretrained(organism_dirs["base"], dtype=torch.float32)
+    assert mean_token_kl(models["base"], reloaded.eval(), tokenizer, texts) == 0.0
+    expected = reference_token_kl(models["base"], models["sandbagging"], tokenizer, texts)
+    measured = mean_token_kl(models["base"], models["sandbagging"], tokenizer, texts)
+    assert expected > 0.01
+    assert measured == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", [name for name in ORGANISMS if name != "base"])
