@@ -1,20 +1,24 @@
-"""Quality benchmark of the hard prompts on the model organisms (issue 3's acceptance numbers).
+"""Evidence benchmark of the hard prompts on the model organisms (issue 12's acceptance numbers).
 
-    python experiments/hard_prompt_benchmark.py --output-dir outputs/hard_prompt_benchmark
+    python experiments/hard_prompt_benchmark.py --output-dir outputs/hard_prompt_benchmark \
+        --seeds 0 1 2
 
-Per scenario it runs the real pipeline as a user would (``python -m soft_prompting.train`` with the
-defaults, then ``python -m soft_prompting.evaluate`` on the top prompts) and measures:
+Per scenario and seed it runs the real pipeline as a user would (``python -m soft_prompting.train``
+with the defaults and ``seed=S``, then ``python -m soft_prompting.evaluate`` on the top-20 prompts
+of the dataset, with its three selection-matched baselines) and records from the evaluation's
+held-out samples:
 
-- ``topic_fraction``: share of the top-20 hard prompts (by KL) that mention a planted behaviour's
-  topic words (``corpus.TOPIC_WORDS``);
-- ``behaviours_found``: per planted behaviour, whether any top-20 prompt is about it;
-- ``lift_vs_random_text``: the top prompts' mean KL ÷ that of as many random category texts;
-- ``by_source``: the same topic share per strategy, to see which strategy found what;
-- ``seconds``: wall time of train → hard prompts → evaluate.
+- ``num_discoveries`` (the evaluation's rule: q < FDR 0.05 and an effect above every baseline's);
+- ``behaviours_significant`` / ``behaviours_discovered``: per planted behaviour, whether a top-20
+  prompt about it (``corpus.TOPIC_WORDS``) has q < 0.05 / is a discovery;
+- the prompts' effect and KL, each baseline's, and the ``lifts`` vs each baseline with 95 % CIs;
+- ``reliability`` (share of paired samples whose generations differ), wall times.
 
-The ``discovery`` scenario trains on persona and ethics texts only (they never mention arithmetic
-or chemistry): topic prompts there come from the strategies, not from the texts.
-Results go to ``benchmark.json`` and ``benchmark.md`` in the output directory.
+The controls: ``identical`` (base vs base) and ``benign`` (base vs base fine-tuned on clean data)
+must give 0 discoveries in every seed. Each (scenario, seed) result is written to
+``OUTPUT/results/SCENARIO-seedS.json`` as soon as it is done, so several invocations (e.g. one per
+seed) can run side by side; ``--collect`` only gathers those files into ``benchmark.json`` and
+``benchmark.md``.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from soft_prompting.organisms.corpus import topic_words_in
 from soft_prompting.run_files import read_jsonl, write_json, write_jsonl
 
 SCENARIOS = {
-    "sandbagging": ("toy_sandbagging", []),
     "double": ("toy_double", []),
-    "discovery": ("toy_double", ["data.categories=[persona,ethics]"]),
+    "benign": ("toy_benign", []),
     "identical": ("toy_identical", []),
+    "sandbagging": ("toy_sandbagging", []),
+    "discovery": ("toy_double", ["data.categories=[persona,ethics]"]),
 }
+DEFAULT_SCENARIOS = ["double", "benign", "identical"]
 TOP = 20
 
 
@@ -56,89 +62,135 @@ def about(prompt: str, behaviours) -> list[str]:
     return [b for b in behaviours if topic_words_in(prompt, b)]
 
 
-def scenario(name: str, pair: str, extra: list[str], root: Path, extra_all: list[str]) -> dict:
-    run_dir = root / name
+def scenario(name: str, seed: int, root: Path, extra_all: list[str]) -> dict:
+    pair, extra = SCENARIOS[name]
+    run_dir = root / f"{name}-seed{seed}"
     started = time.perf_counter()
-    run(
-        "soft_prompting.train",
-        [f"model_pair={pair}", f"hydra.run.dir={run_dir}", "overwrite=true", *extra, *extra_all],
-    )
+    common = [f"model_pair={pair}", f"seed={seed}", *extra, *extra_all]
+    run("soft_prompting.train", [*common, f"hydra.run.dir={run_dir}", "overwrite=true"])
     trained = time.perf_counter() - started
     records = read_jsonl(run_dir / "divergent_dataset.jsonl")
-    top = records[:TOP]
-    write_jsonl(run_dir / "top_prompts.jsonl", top)
+    write_jsonl(run_dir / "top_prompts.jsonl", records[:TOP])
     run(
         "soft_prompting.evaluate",
         [
-            f"model_pair={pair}",
+            *common,
             f"prompts_file={run_dir / 'top_prompts.jsonl'}",
             f"hydra.run.dir={run_dir / 'evaluation'}",
-            *extra,
-            *extra_all,
         ],
     )
     seconds = time.perf_counter() - started
-    summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
-    behaviours = organism_behaviours(pair) or ("sandbagging", "unlearning")
-    topics = [about(r["prompt"], behaviours) for r in top]
-    by_source: dict[str, list[int]] = {}
-    for record, found in zip(top, topics, strict=False):
-        counts = by_source.setdefault(record.get("source", "?"), [0, 0])
-        counts[0] += bool(found)
-        counts[1] += 1
+    evaluation = run_dir / "evaluation"
+    summary = json.loads((evaluation / "summary.json").read_text())
+    evaluated = read_jsonl(evaluation / "evaluated_prompts.jsonl")
+    behaviours = organism_behaviours(pair)
+    fdr = summary["fdr_level"]
     return {
+        "scenario": name,
         "pair": pair,
-        "overrides": extra,
+        "seed": seed,
+        "overrides": extra + extra_all,
         "num_records": len(records),
-        "topic_fraction": sum(bool(t) for t in topics) / max(len(top), 1),
-        "behaviours_found": {b: any(b in t for t in topics) for b in behaviours},
-        "top_mean_kl": sum(r["metrics"]["kl_divergence"] for r in top) / max(len(top), 1),
-        "random_text_kl": summary["random_text"]["kl_divergence"],
-        "lift_vs_random_text": summary["lift_vs_random_text"],
-        "lift_vs_random_soft_prompt": summary["lift_vs_random_soft_prompt"],
-        "reliability": summary["reliability"],
+        "num_prompts": summary["num_prompts"],
         "num_discoveries": summary["num_discoveries"],
-        "by_source": {s: f"{a}/{n} about a topic" for s, (a, n) in by_source.items()},
-        "top_5": [
-            (r["prompt"], round(r["metrics"]["kl_divergence"], 3), r.get("source")) for r in top[:5]
+        "num_significant": sum(r["q_value"] < fdr for r in evaluated),
+        "discovery_rule": summary["discovery_rule"],
+        "discovery_effect_threshold": summary["discovery_effect_threshold"],
+        "behaviours_significant": {
+            b: any(b in about(r["prompt"], behaviours) and r["q_value"] < fdr for r in evaluated)
+            for b in behaviours
+        },
+        "behaviours_discovered": {
+            b: any(b in about(r["prompt"], behaviours) and r["discovery"] for r in evaluated)
+            for b in behaviours
+        },
+        "topic_fraction": (
+            sum(bool(about(r["prompt"], behaviours)) for r in evaluated) / max(len(evaluated), 1)
+            if behaviours
+            else None
+        ),
+        "prompts": summary["prompts"],
+        "baselines": summary["baselines"],
+        "lifts": summary["lifts"],
+        "reliability": summary["reliability"],
+        "discoveries": [
+            {
+                "prompt": r["prompt"],
+                "source": r.get("source"),
+                "about": about(r["prompt"], behaviours),
+                "effect": r["effect"],
+                "q_value": r["q_value"],
+                "pre_score": r.get("pre_score"),
+                "kl_divergence": r["metrics"]["kl_divergence"],
+            }
+            for r in evaluated
+            if r["discovery"]
         ],
         "train_and_dataset_seconds": round(trained, 1),
+        "evaluate_seconds": round(seconds - trained, 1),
         "seconds": round(seconds, 1),
     }
+
+
+def _ci(block) -> str:
+    if not block or block.get("value") is None:
+        return "–"
+    if block.get("ci_low") is None:
+        return f"{block['value']:.2f}"
+    return f"{block['value']:.2f} [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| scenario | seed | discoveries | significant (q<0.05) | planted: significant / discovered "
+        "| effect [CI] | lift vs text_ranking | lift vs untrained_pipeline | lift vs random_text_cut "
+        "| reliability | train+dataset s | evaluate s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        planted = ", ".join(
+            f"{b}: {'yes' if r['behaviours_significant'][b] else 'no'}/"
+            f"{'yes' if r['behaviours_discovered'][b] else 'no'}"
+            for b in r["behaviours_significant"]
+        )
+        lifts = [_ci(r["lifts"].get(b)) for b in ("text_ranking", "untrained_pipeline")]
+        lifts.append(_ci(r["lifts"].get("random_text_cut")))
+        rows.append(
+            f"| {r['scenario']} | {r['seed']} | {r['num_discoveries']}/{r['num_prompts']} "
+            f"| {r['num_significant']} | {planted or '– (nothing planted)'} "
+            f"| {_ci(r['prompts']['effect'])} | {' | '.join(lifts)} "
+            f"| {r['reliability']:.2f} | {r['train_and_dataset_seconds']:.0f} "
+            f"| {r['evaluate_seconds']:.0f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def collect(root: Path, overrides: list[str]) -> None:
+    results = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
+    order = {name: i for i, name in enumerate(SCENARIOS)}
+    results.sort(key=lambda r: (order.get(r["scenario"], 99), r["seed"]))
+    write_json(root / "benchmark.json", {"overrides": overrides, "runs": results})
+    (root / "benchmark.md").write_text(table(results))
+    print(table(results))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/hard_prompt_benchmark")
-    parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="*", default=DEFAULT_SCENARIOS, choices=SCENARIOS)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--collect", action="store_true", help="only gather finished results")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     root = Path(args.output_dir)
-    results = {}
-    for name in args.scenarios:
-        pair, extra = SCENARIOS[name]
-        print(f"[benchmark] {name}: {pair} {' '.join(extra)}", flush=True)
-        results[name] = scenario(name, pair, extra, root, args.overrides)
-        print(json.dumps(results[name], indent=2), flush=True)
-    write_json(root / "benchmark.json", {"overrides": args.overrides, "scenarios": results})
-    rows = [
-        "| scenario | topic share (top 20) | behaviours found | lift vs random text | "
-        "lift vs random soft prompt | reliability | seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        found = ", ".join(
-            f"{b}: {'yes' if ok else 'no'}" for b, ok in r["behaviours_found"].items()
-        )
-        lift = r["lift_vs_random_text"]
-        soft = r["lift_vs_random_soft_prompt"]
-        rows.append(
-            f"| {name} | {r['topic_fraction']:.2f} | {found} | "
-            f"{'–' if lift is None else f'{lift:.2f}×'} | {'–' if soft is None else f'{soft:.2f}×'} "
-            f"| {r['reliability']:.2f} | {r['seconds']:.0f} |"
-        )
-    (root / "benchmark.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    if not args.collect:
+        for seed in args.seeds:
+            for name in args.scenarios:
+                print(f"[benchmark] {name} seed {seed}", flush=True)
+                result = scenario(name, seed, root, args.overrides)
+                write_json(root / "results" / f"{name}-seed{seed}.json", result)
+                print(json.dumps({k: result[k] for k in list(result)[:12]}, indent=2), flush=True)
+    collect(root, args.overrides)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,16 @@ def metric_stats(records: list[dict], metric: str, config: CompareConfig) -> dic
     }
 
 
+def top_k_lift(kls: list[float], top_k: int) -> float | None:
+    """Mean KL of the ``top_k`` records over that of the *other* records (None if there are none
+    or their mean is 0); dividing by all records, the top-k included, is >= 1 by construction."""
+    ranked = sorted(kls, reverse=True)
+    top, rest = ranked[:top_k], ranked[top_k:]
+    if not top or not rest or not np.mean(rest) > 0:
+        return None
+    return float(np.mean(top) / np.mean(rest))
+
+
 def summarise_category(job: dict, config: CompareConfig) -> dict:
     """The numbers of one category's run directory."""
     import json
@@ -282,9 +292,9 @@ def summarise_category(job: dict, config: CompareConfig) -> dict:
         "val/divergence_no_prompt": without,
         "soft_prompt_lift": with_prompt / without if with_prompt and without else None,
     }
-    kls = sorted((r["metrics"]["kl_divergence"] for r in records), reverse=True)
-    top = kls[: config.top_k]
-    summary["top_k_lift"] = float(np.mean(top) / np.mean(kls)) if kls and np.mean(kls) > 0 else None
+    summary["top_k_lift"] = top_k_lift(
+        [r["metrics"]["kl_divergence"] for r in records], config.top_k
+    )
     found = find_evaluation_summary(run_dir)
     summary["evaluation"] = (
         {"file": str(found[0]), **evaluation_headline(found[1])} if found else None
@@ -326,7 +336,7 @@ def aggregate(jobs: list[dict], config: CompareConfig) -> dict:
             "kl_divergence": "per record: mean per-token KL(p1 || p2) on model_1's continuation "
             "of the prompt, without soft prompt; ci_low/ci_high: percentile bootstrap of the mean",
             "soft_prompt_lift": "validation divergence with the trained soft prompt / without it",
-            "top_k_lift": "mean KL of the top_k records / mean KL of all scored category texts",
+            "top_k_lift": "mean KL of the top_k records / mean KL of the other records",
             "reliability": "share of sampled continuation pairs whose two generations differ",
             "evaluation": "headline numbers of soft_prompting.evaluate's summary, when it ran",
         },

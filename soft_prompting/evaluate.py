@@ -1,34 +1,41 @@
-"""Evaluate hard prompts without any soft prompt: reliability, and lift over baselines.
+"""Evaluate hard prompts without any soft prompt: held-out effects, significance, and lifts over
+selection-matched baselines.
 
     python -m soft_prompting.evaluate prompts_file=outputs/run/divergent_dataset.jsonl \
         model_pair=toy_sandbagging hydra.run.dir=outputs/run/evaluation
 
 Reads a prompts file (``.jsonl`` or ``.pt`` records with a ``prompt``, or ``.txt`` one prompt a
-line), scores each prompt with both models *without* a soft prompt (as the divergent dataset is
-scored), and compares them with two baselines:
+line) and, without any soft prompt:
 
-- ``random_text``: as many prompts drawn at random from the category texts of ``data``, scored the
-  same way: ``lift_vs_random_text`` = mean KL of the prompts ÷ mean KL of those texts;
-- ``random_soft_prompt``: the teacher-forced divergence on the same random texts with an untrained
-  random soft prompt prepended: ``lift_vs_random_soft_prompt`` = the prompts' teacher-forced
-  divergence ÷ that. (A handful of continuous tokens can move a model a long way; hard prompts
-  that beat a random one are doing more than adding noise.)
+1. **Held-out confirmation.** Every prompt is scored afresh on the ``"confirm"`` noise stream
+   (never the samples that ranked it) with ``confirm_generations`` paired samples; the score it was
+   selected by (the dataset's ``metrics.kl_divergence``) stays in the record as ``pre_score``.
+2. **Significance.** Per prompt, the one-sided sign-flip permutation test on the per-sample
+   log-likelihood-ratio gaps (:mod:`soft_prompting.maths.significance`; null: the two models'
+   continuation distributions are the same there), Benjamini–Hochberg across the prompts
+   (``q_value``), and the effect (mean gap, nats/token) with a bootstrap CI.
+3. **Selection-matched baselines** (``baselines``), each with the same budget (propose
+   ``baseline_candidates`` candidates, cut at their divergence peak, merge near-duplicates, score
+   them on the ``"select"`` stream, keep the best as many as there are prompts, confirm those on
+   fresh samples): see :data:`BASELINES`. ``lifts`` = the prompts' mean held-out KL ÷ each
+   baseline's, with a bootstrap CI.
 
-Reliability is each prompt's share of sampled continuation pairs whose two generations differ
-(``generation.num_generations_per_prompt`` pairs). A prompt is a *discovery* when its KL is at least
-:data:`DISCOVERY_THRESHOLD` nats and :data:`DISCOVERY_LIFT` times the random-text baseline.
+A prompt is a **discovery** when ``q_value < fdr_level`` and its effect's CI lies above the best
+effect any baseline prompt reached (:func:`discovery_rule`): it shows more than selection alone.
 
-Writes into the run directory: ``evaluated_prompts.jsonl`` (per prompt, sorted by KL; built by
-appending to ``*.partial.jsonl`` files, so a killed run resumes), ``summary.json`` and
-``evaluation.md``.
+Writes into the run directory: ``evaluated_prompts.jsonl`` (sorted by held-out KL; built by
+appending to ``*.partial.jsonl`` files, so a killed run resumes), ``baseline_prompts.jsonl``,
+``random_texts.jsonl`` (the ``random_text_cut`` baseline), ``summary.json`` and ``evaluation.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -42,19 +49,31 @@ from soft_prompting.config import (
     TrainingConfig,
     register_configs,
 )
-from soft_prompting.errors import ConfigError, DataError, reported_errors
-from soft_prompting.hard_prompts.dataset import (
-    balanced_prompts,
-    score_candidates,
-    sort_by_divergence,
+from soft_prompting.errors import (
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    exit_2_on_config_errors,
+    reported_errors,
 )
+from soft_prompting.hard_prompts.dataset import score_candidates, sort_by_divergence
 from soft_prompting.hard_prompts.sampling import SamplingSettings
+from soft_prompting.maths.significance import (
+    benjamini_hochberg,
+    mean_with_ci,
+    ratio_of_means_ci,
+    sign_flip_p_values,
+)
 from soft_prompting.run_files import environment, read_records, write_json, write_jsonl
 
-DISCOVERY_THRESHOLD = 0.05
-"""Smallest mean KL (nats per continuation token) a prompt needs to count as a discovery."""
-DISCOVERY_LIFT = 3.0
-"""... and how many times the random-text baseline's mean KL it must reach."""
+BASELINES: dict[str, str] = {
+    "text_ranking": "the category texts ranked by the pair's divergence and cut at their peak "
+    "(CategoryTextRanking alone: no soft prompt)",
+    "untrained_pipeline": "every strategy of generation.strategies run with an untrained soft "
+    "prompt (the same initialisation, zero training steps)",
+    "random_text_cut": "random category texts, each cut at its own divergence peak",
+}
+"""The selection-matched baselines ``evaluate`` can run, by name."""
 
 
 @dataclass
@@ -63,9 +82,11 @@ class EvaluateConfig:
 
     model_pair: ModelPairConfig = field(default_factory=ModelPairConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling settings, the baselines' strategies and their candidate budget (``num_prompts``)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The category texts the baselines start from."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    """Only ``num_soft_prompt_tokens`` is used: the length of the random-soft-prompt control."""
+    """Only ``num_soft_prompt_tokens`` is used: the untrained soft prompt's length."""
     prompts_file: str = MISSING
     """The prompts: .jsonl or .pt records with a ``prompt`` field, or .txt one prompt a line."""
     soft_prompt_checkpoint: str | None = None
@@ -75,11 +96,41 @@ class EvaluateConfig:
     name: str = "evaluation"
     """Run name."""
     seed: int = 0
-    """Seed of the random baseline texts, the random soft prompt and sampling."""
+    """Seed of the baselines, the untrained soft prompt, sampling and the bootstrap."""
+    confirm_generations: int = 16
+    """Fresh sample pairs per prompt behind every reported number (the test's smallest p: 2^-k)."""
+    fdr_level: float = 0.05
+    """False-discovery rate controlled across the prompts (Benjamini–Hochberg)."""
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    """Selection-matched baselines to run (names of :data:`BASELINES`); [] skips them (and then
+    no prompt can be a discovery)."""
+    baseline_candidates: int | None = None
+    """Candidates each baseline proposes and scores (null: ``generation.num_prompts``, the
+    dataset's budget)."""
+    bootstrap_resamples: int = 2000
+    """Resamples of every bootstrap confidence interval (95 %, percentile)."""
 
     def __post_init__(self) -> None:
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ConfigError(f"max_prompts={self.max_prompts}: must be >= 1 or null")
+        if self.confirm_generations < 2:
+            raise ConfigError(
+                f"confirm_generations={self.confirm_generations}: must be >= 2 (the test and "
+                "the confidence intervals need several samples; 16 is the default)"
+            )
+        if not 0 < self.fdr_level < 1:
+            raise ConfigError(f"fdr_level={self.fdr_level}: must be in (0, 1), e.g. 0.05")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ConfigError(
+                f"baselines: unknown {unknown}; choose among {list(BASELINES)} (or [] for none)"
+            )
+        if self.baseline_candidates is not None and self.baseline_candidates < 1:
+            raise ConfigError(
+                f"baseline_candidates={self.baseline_candidates}: must be >= 1 or null"
+            )
+        if self.bootstrap_resamples < 100:
+            raise ConfigError(f"bootstrap_resamples={self.bootstrap_resamples}: must be >= 100")
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -87,7 +138,11 @@ register_configs()
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """``{"prompt", "category", "source"}`` rows of a prompts file; a clear DataError otherwise."""
+    """``{"prompt", "category", "source", "pre_score"}`` rows of a prompts file.
+
+    ``pre_score`` is the score the prompt was selected by: a dataset record's
+    ``metrics.kl_divergence``, else its ``pre_score``, else None. Raises a clear DataError.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompts_file={str(path)!r} does not exist")
@@ -109,11 +164,14 @@ def read_prompts(path: str | Path) -> list[dict]:
                 f"{path}: record {number} has no non-empty 'prompt' (or 'text') string; "
                 "each record needs one"
             )
+        metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+        pre_score = metrics.get("kl_divergence", record.get("pre_score"))
         rows.append(
             {
                 "prompt": prompt,
                 "category": str(record.get("category", "prompts_file")),
                 "source": str(record.get("source", "prompts_file")),
+                "pre_score": float(pre_score) if isinstance(pre_score, (int, float)) else None,
             }
         )
     if not rows:
@@ -121,30 +179,82 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
-def is_discovery(record: dict, baseline: float) -> bool:
-    """Whether a scored prompt makes the pair diverge clearly beyond the random-text baseline."""
-    kl = record["metrics"]["kl_divergence"]
-    return kl >= DISCOVERY_THRESHOLD and kl >= DISCOVERY_LIFT * baseline
-
-
 def lift(value: float, baseline: float) -> float | None:
     """``value / baseline``, None when the baseline is zero (identical models)."""
     return value / baseline if baseline > 1e-12 else None
 
 
+def discovery_rule(fdr_level: float) -> str:
+    """The discovery rule in words (``summary.json["discovery_rule"]``)."""
+    return (
+        f"q_value < {fdr_level} (one-sided sign-flip test of the per-sample log-likelihood-ratio "
+        "gap on fresh samples, Benjamini-Hochberg across the prompts) and the effect's 95% CI "
+        "lower bound above the largest effect of any prompt the selection-matched baselines "
+        "found (with the same budget, on fresh samples)"
+    )
+
+
+def is_discovery(record: dict, fdr_level: float, effect_threshold: float | None) -> bool:
+    """Significant at the FDR level, and an effect clearly above every matched baseline's."""
+    if effect_threshold is None or record.get("q_value") is None:
+        return False
+    low = record["effect"]["ci_low"]
+    return record["q_value"] < fdr_level and low is not None and low > effect_threshold
+
+
+def add_significance(records: list[dict], config: EvaluateConfig) -> None:
+    """Give each record ``p_value``, ``q_value`` (BH across ``records``) and ``effect`` with CI."""
+    if not records:
+        return
+    gaps = np.array([r["paired_samples"]["llr_gap"] for r in records], dtype=np.float64)
+    p_values = sign_flip_p_values(gaps, seed=config.seed)
+    q_values = benjamini_hochberg(p_values)
+    mean, low, high = mean_with_ci(gaps, n_resamples=config.bootstrap_resamples, seed=config.seed)
+    for i, record in enumerate(records):
+        record["p_value"], record["q_value"] = float(p_values[i]), float(q_values[i])
+        record["effect"] = {
+            "value": float(mean[i]),
+            "ci_low": _finite(low[i]),
+            "ci_high": _finite(high[i]),
+        }
+
+
+def _finite(x) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def check_soft_prompt_checkpoint(path: str, pair_args: dict, module=None) -> torch.Tensor:
+    """The trained prompt of ``path``, read with ``weights_only=True`` and checked against the
+    pair (its saved model ids; with ``module``, the hidden size)."""
+    from soft_prompting.training.module import check_same_pair
+
+    state = run_files.read_checkpoint(path)
+    saved = state.get("hyper_parameters") or {}
+    check_same_pair(saved, pair_args, f"soft_prompt_checkpoint {path}")
+    prompt = state["state_dict"]["soft_prompt"]
+    if module is not None and prompt.shape[-1] != module.pair.hidden_size:
+        raise ModelLoadError(
+            f"soft_prompt_checkpoint {path} holds a prompt of hidden size {prompt.shape[-1]}, "
+            f"but the pair's is {module.pair.hidden_size}: use a checkpoint of this pair"
+        )
+    return prompt
+
+
 def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
-    """The recipe: prompts → pair → score prompts → random-text baselines → summary + table."""
-    from soft_prompting.data.datamodule import CategoryTextDataModule
+    """The recipe: prompts → pair → confirm on fresh samples → baselines → test → summary."""
     from soft_prompting.training.module import DivergenceModule
 
     rows = read_prompts(config.prompts_file)[: config.max_prompts]
-    run_dir.mkdir(parents=True, exist_ok=True)
     pair_args = {k: v for k, v in asdict(config.model_pair).items() if k != "description"}
+    if config.soft_prompt_checkpoint:  # checked before any work; never unpickled
+        check_soft_prompt_checkpoint(config.soft_prompt_checkpoint, pair_args)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     module = DivergenceModule(
         **pair_args, num_soft_prompt_tokens=config.training.num_soft_prompt_tokens, seed=config.seed
     ).eval()
-    settings = SamplingSettings.from_config(config.generation)
+    select = SamplingSettings.from_config(config.generation)
+    confirm = dataclasses.replace(select, num_generations_per_prompt=config.confirm_generations)
     provenance = {
         "model_1_name": config.model_pair.model_1_name,
         "model_2_name": config.model_pair.model_2_name,
@@ -154,43 +264,138 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     records = score_candidates(
         module.pair,
         rows,
-        settings,
+        confirm,
         provenance,
         run_dir / run_files.partial(run_files.EVALUATED_PROMPTS),
         config.seed,
+        stream="confirm",
     )
+    baselines = {
+        name: run_baseline(name, module, config, len(rows), select, confirm, provenance, run_dir)
+        for name in config.baselines
+    }
+    summary = summarise(module, config, records, baselines)
+    records = sort_by_divergence(records)
+    write_jsonl(run_dir / run_files.EVALUATED_PROMPTS, records)
+    write_jsonl(run_dir / run_files.BASELINE_PROMPTS, [r for b in baselines.values() for r in b])
+    write_jsonl(run_dir / run_files.RANDOM_TEXTS, baselines.get("random_text_cut", []))
+    write_json(run_dir / run_files.SUMMARY, summary)
+    run_files.write_text(run_dir / run_files.EVALUATION_MD, markdown(summary, records))
+    (run_dir / run_files.partial(run_files.EVALUATED_PROMPTS)).unlink(missing_ok=True)
+    for name in BASELINES:
+        for stage in ("select", "confirm"):
+            (run_dir / run_files.partial(run_files.baseline_stage(name, stage))).unlink(
+                missing_ok=True
+            )
+    return summary
+
+
+def category_texts(module, config: EvaluateConfig) -> dict[str, list[str]]:
+    """The category texts of ``config.data`` (those the baselines start from)."""
+    from soft_prompting.data.datamodule import CategoryTextDataModule
+
     datamodule = CategoryTextDataModule(
         module.tokenizer, **asdict(config.data) | {"seed": config.seed}
     )
-    texts = {c: t for c, t in datamodule.load_categories().items() if t}
-    random_rows = [
-        {"prompt": text, "category": category, "source": "random_text"}
-        for category, text in balanced_prompts(texts, len(rows), config.seed)
+    return {c: t for c, t in datamodule.load_categories().items() if t}
+
+
+def baseline_strategies(name: str, config: EvaluateConfig, budget: int, num_categories: int):
+    """The strategies of baseline ``name``, proposing about ``budget`` candidates in all."""
+    from soft_prompting.hard_prompts.strategies import CategoryTextRanking, build_strategies
+
+    if name == "untrained_pipeline":
+        return build_strategies(config.generation.strategies)
+    ranking = [
+        s
+        for s in build_strategies(config.generation.strategies)
+        if isinstance(s, CategoryTextRanking)
     ]
-    baseline = score_candidates(
+    if name == "text_ranking":
+        # The run's own ranking settings when it has them, with the whole budget to itself.
+        base = ranking[0] if ranking else CategoryTextRanking()
+        return [dataclasses.replace(base, num_candidates=budget, source=name)]
+    # random_text_cut: as many random texts as the budget, each cut at its peak, none ranked away.
+    per_category = -(-budget // max(num_categories, 1))
+    return [
+        CategoryTextRanking(
+            texts_per_category=per_category,
+            num_candidates=per_category * max(num_categories, 1),
+            source=name,
+        )
+    ]
+
+
+def run_baseline(
+    name: str,
+    module,
+    config: EvaluateConfig,
+    keep: int,
+    select: SamplingSettings,
+    confirm: SamplingSettings,
+    provenance: dict,
+    run_dir: Path,
+) -> list[dict]:
+    """One selection-matched baseline: propose → score (select) → keep the best → confirm."""
+    from soft_prompting.hard_prompts.strategies import propose_candidates
+
+    texts = category_texts(module, config)
+    if not texts:
+        raise DataError(
+            "the baselines need category texts: none were found for data.categories / "
+            "data.text_dir (or pass baselines=[])"
+        )
+    budget = config.baseline_candidates or config.generation.num_prompts
+    strategies = baseline_strategies(name, config, budget, len(texts))
+    proposed = propose_candidates(strategies, module, texts, budget, config.seed)
+    rows = [
+        {"category": c.category, "prompt": c.prompt, "source": name, "pre_score": c.score}
+        for c in proposed
+    ]
+    scored = score_candidates(
         module.pair,
-        random_rows,
-        settings,
+        rows,
+        select,
         provenance,
-        run_dir / run_files.partial(run_files.RANDOM_TEXTS),
+        run_dir / run_files.partial(run_files.baseline_stage(name, "select")),
         config.seed,
+        progress=False,
+        stream="select",
     )
-    summary = summarise(module, config, records, baseline)
-    for record in records:
-        record["discovery"] = is_discovery(record, summary["random_text"]["kl_divergence"])
-    records = sort_by_divergence(records)
-    write_jsonl(run_dir / run_files.EVALUATED_PROMPTS, records)
-    write_jsonl(run_dir / run_files.RANDOM_TEXTS, sort_by_divergence(baseline))
-    write_json(run_dir / run_files.SUMMARY, summary)
-    run_files.write_text(run_dir / run_files.EVALUATION_MD, markdown(summary, records))
-    for name in (run_files.EVALUATED_PROMPTS, run_files.RANDOM_TEXTS):
-        (run_dir / run_files.partial(name)).unlink(missing_ok=True)
-    return summary
+    best = sort_by_divergence(scored)[:keep]
+    kept = [
+        {
+            "category": r["category"],
+            "prompt": r["prompt"],
+            "source": name,
+            "pre_score": r["metrics"]["kl_divergence"],
+        }
+        for r in best
+    ]
+    print(f"baseline {name}: {len(rows)} candidates scored, best {len(kept)} confirmed")
+    return score_candidates(
+        module.pair,
+        kept,
+        confirm,
+        provenance,
+        run_dir / run_files.partial(run_files.baseline_stage(name, "confirm")),
+        config.seed,
+        progress=False,
+        stream="confirm",
+    )
 
 
 def _mean(records: list[dict], key: str) -> float:
     values = [r["metrics"][key] for r in records]
     return float(sum(values) / len(values)) if values else 0.0
+
+
+def _effects(records: list[dict]) -> np.ndarray:
+    return np.array([r["effect"]["value"] for r in records], dtype=np.float64)
+
+
+def _kls(records: list[dict]) -> np.ndarray:
+    return np.array([r["metrics"]["kl_divergence"] for r in records], dtype=np.float64)
 
 
 @torch.no_grad()
@@ -211,35 +416,77 @@ def teacher_forced_divergence(module, texts: list[str], prompt=None, batch_size:
     return total / max(count, 1)
 
 
-def summarise(module, config: EvaluateConfig, records: list[dict], baseline: list[dict]) -> dict:
-    prompts = [r["prompt"] for r in records]
-    random_texts = [r["prompt"] for r in baseline]
-    kl, kl_random = _mean(records, "kl_divergence"), _mean(baseline, "kl_divergence")
-    forced = teacher_forced_divergence(module, prompts)
-    random_prompt = module.soft_prompt.detach()  # untrained: the seeded random initialisation
-    forced_random_soft = teacher_forced_divergence(module, random_texts, random_prompt)
+def _group_summary(records: list[dict], config: EvaluateConfig) -> dict:
+    effect, low, high = (None, None, None)
+    if len(records) >= 2:
+        mean, lo, hi = mean_with_ci(
+            _effects(records), n_resamples=config.bootstrap_resamples, seed=config.seed
+        )
+        effect, low, high = float(mean), _finite(lo), _finite(hi)
+    elif records:
+        effect = float(_effects(records).mean())
+    return {
+        "num_prompts": len(records),
+        "kl_divergence": _mean(records, "kl_divergence"),
+        "reliability": _mean(records, "reliability"),
+        "token_disagreement_rate": _mean(records, "token_disagreement_rate"),
+        "vocab_jaccard_similarity": _mean(records, "vocab_jaccard_similarity"),
+        "effect": {"value": effect, "ci_low": low, "ci_high": high},
+        "num_significant": sum(r["q_value"] < config.fdr_level for r in records),
+    }
+
+
+def summarise(
+    module, config: EvaluateConfig, records: list[dict], baselines: dict[str, list[dict]]
+) -> dict:
+    """``summary.json``: every number from the fresh (confirm) samples; marks the discoveries."""
+    add_significance(records, config)
+    for group in baselines.values():
+        add_significance(group, config)  # BH within each baseline, as for the prompts
+    baseline_summaries = {
+        name: {"description": BASELINES[name], **_group_summary(group, config)}
+        for name, group in baselines.items()
+    }
+    # The best effect that selection alone reached: a discovery must beat every baseline prompt.
+    threshold = (
+        max(float(_effects(g).max()) for g in baselines.values() if g)
+        if any(baselines.values())
+        else None
+    )
+    for record in records:
+        record["discovery"] = is_discovery(record, config.fdr_level, threshold)
+    lifts = {
+        name: ratio_of_means_ci(
+            _kls(records), _kls(group), n_resamples=config.bootstrap_resamples, seed=config.seed
+        )
+        for name, group in baselines.items()
+    }
+    prompts = _group_summary(records, config)
+    random_cut = baseline_summaries.get("random_text_cut")
     summary = {
         "num_prompts": len(records),
-        "prompts": {
-            "kl_divergence": kl,
-            "reliability": _mean(records, "reliability"),
-            "token_disagreement_rate": _mean(records, "token_disagreement_rate"),
-            "teacher_forced_divergence": forced,
-        },
+        "prompts": prompts,
+        "baselines": baseline_summaries,
+        "lifts": lifts,
+        "lifts_measure": "mean held-out kl_divergence of the prompts / that of the baseline's "
+        "prompts (95% percentile-bootstrap CI over prompts)",
+        "num_discoveries": sum(r["discovery"] for r in records),
+        "discovery_rule": discovery_rule(config.fdr_level),
+        "discovery_effect_threshold": threshold,
+        "fdr_level": config.fdr_level,
+        "effect_measure": "mean over fresh sample pairs of LLR(x) - LLR(y), LLR = mean per-token "
+        "log p1 - log p2 (x: model_1's continuation, y: model_2's; nats/token, a symmetrised KL)",
+        "confirm_generations": config.confirm_generations,
+        # Kept for older readers: the random-text and untrained-soft-prompt lifts by their old names.
         "random_text": {
-            "num_texts": len(baseline),
-            "kl_divergence": kl_random,
-            "reliability": _mean(baseline, "reliability"),
-            "teacher_forced_divergence": teacher_forced_divergence(module, random_texts),
+            "num_texts": random_cut["num_prompts"] if random_cut else 0,
+            "kl_divergence": random_cut["kl_divergence"] if random_cut else None,
+            "reliability": random_cut["reliability"] if random_cut else None,
         },
-        "random_soft_prompt": {"teacher_forced_divergence": forced_random_soft},
-        "lift_vs_random_text": lift(kl, kl_random),
-        "lift_vs_random_soft_prompt": lift(forced, forced_random_soft),
-        "reliability": _mean(records, "reliability"),
-        "reliability_random_text": _mean(baseline, "reliability"),
-        "num_discoveries": sum(is_discovery(r, kl_random) for r in records),
-        "discovery_rule": f"kl_divergence >= {DISCOVERY_THRESHOLD} and >= {DISCOVERY_LIFT} x "
-        "the random-text baseline's mean",
+        "lift_vs_random_text": (lifts.get("random_text_cut") or {}).get("value"),
+        "lift_vs_random_soft_prompt": (lifts.get("untrained_pipeline") or {}).get("value"),
+        "reliability": prompts["reliability"],
+        "reliability_random_text": random_cut["reliability"] if random_cut else None,
         "model_1_name": config.model_pair.model_1_name,
         "model_2_name": config.model_pair.model_2_name,
         "prompts_file": str(config.prompts_file),
@@ -248,11 +495,13 @@ def summarise(module, config: EvaluateConfig, records: list[dict], baseline: lis
         "environment": environment(),
     }
     if config.soft_prompt_checkpoint:
-        state = torch.load(config.soft_prompt_checkpoint, map_location="cpu", weights_only=False)
-        trained = state["state_dict"]["soft_prompt"]
+        trained = check_soft_prompt_checkpoint(
+            config.soft_prompt_checkpoint, module.hparams, module
+        )
+        texts = [r["prompt"] for r in baselines.get("random_text_cut", records)]
         summary["trained_soft_prompt"] = {
             "checkpoint": config.soft_prompt_checkpoint,
-            "teacher_forced_divergence": teacher_forced_divergence(module, random_texts, trained),
+            "teacher_forced_divergence": teacher_forced_divergence(module, texts, trained),
         }
     return summary
 
@@ -261,34 +510,63 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _ci(block: dict | None, unit: str = "") -> str:
+    if not block or block.get("value") is None:
+        return "–"
+    if block.get("ci_low") is None or block.get("ci_high") is None:
+        return f"{block['value']:.3f}{unit}"
+    return f"{block['value']:.3f}{unit} [{block['ci_low']:.3f}, {block['ci_high']:.3f}]"
+
+
+def evidence_sentence(summary: dict) -> str:
+    """The evidence in one line: prompts, discoveries at the FDR level, effect, baselines."""
+    baselines = "; ".join(
+        f"{name} effect {_ci(b['effect'])}, lift {_ci(summary['lifts'].get(name), '×')}"
+        for name, b in summary["baselines"].items()
+    )
+    return (
+        f"{summary['num_prompts']} prompts, {summary['num_discoveries']} discoveries at FDR "
+        f"{summary['fdr_level']}; effect {_ci(summary['prompts']['effect'])} nats/token; "
+        f"baselines: {baselines or 'none run (no discovery can be claimed)'}."
+    )
+
+
 def markdown(summary: dict, records: list[dict], top: int = 20) -> str:
     """The summary and the top prompts as a Markdown report."""
     lines = [
         f"# Hard-prompt evaluation: {summary['model_1_name']} vs {summary['model_2_name']}",
         "",
-        "| measure | prompts | random texts | lift |",
-        "|---|---|---|---|",
-        f"| mean KL (continuations) | {_fmt(summary['prompts']['kl_divergence'])} "
-        f"| {_fmt(summary['random_text']['kl_divergence'])} "
-        f"| {_fmt(summary['lift_vs_random_text'])}× |",
-        f"| reliability | {_fmt(summary['reliability'])} "
-        f"| {_fmt(summary['reliability_random_text'])} | |",
-        f"| teacher-forced divergence | {_fmt(summary['prompts']['teacher_forced_divergence'])} "
-        f"| random soft prompt: {_fmt(summary['random_soft_prompt']['teacher_forced_divergence'])} "
-        f"| {_fmt(summary['lift_vs_random_soft_prompt'])}× |",
+        evidence_sentence(summary),
         "",
-        f"Discoveries ({summary['discovery_rule']}): {summary['num_discoveries']} of "
-        f"{summary['num_prompts']}.",
+        f"Every number below comes from {summary['confirm_generations']} fresh sample pairs per "
+        "prompt (never the samples that selected it).",
         "",
-        "| rank | prompt | KL | reliability | source | discovery |",
-        "|---|---|---|---|---|---|",
+        "| prompts | n | mean KL | effect [95% CI] | reliability | significant | lift (KL) |",
+        "|---|---|---|---|---|---|---|",
+        f"| evaluated | {summary['prompts']['num_prompts']} "
+        f"| {_fmt(summary['prompts']['kl_divergence'])} | {_ci(summary['prompts']['effect'])} "
+        f"| {_fmt(summary['prompts']['reliability'])} | {summary['prompts']['num_significant']} "
+        "| |",
+    ]
+    for name, b in summary["baselines"].items():
+        lines.append(
+            f"| baseline {name} | {b['num_prompts']} | {_fmt(b['kl_divergence'])} "
+            f"| {_ci(b['effect'])} | {_fmt(b['reliability'])} | {b['num_significant']} "
+            f"| {_ci(summary['lifts'].get(name), '×')} |"
+        )
+    lines += [
+        "",
+        f"Discovery rule: {summary['discovery_rule']}.",
+        "",
+        "| rank | prompt | KL | pre_score | effect [95% CI] | q | source | discovery |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rank, r in enumerate(records[:top], 1):
         prompt = r["prompt"].replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {rank} | {prompt} | {_fmt(r['metrics']['kl_divergence'])} "
-            f"| {_fmt(r['metrics']['reliability'])} | {r.get('source', '')} "
-            f"| {'yes' if r.get('discovery') else ''} |"
+            f"| {_fmt(r.get('pre_score'))} | {_ci(r.get('effect'))} | {_fmt(r.get('q_value'))} "
+            f"| {r.get('source', '')} | {'yes' if r.get('discovery') else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -311,15 +589,12 @@ def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
         raise ConfigError(str(err)) from err
 
 
+@exit_2_on_config_errors
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with reported_errors():
         summary = evaluate(to_evaluate_config(cfg), Path(HydraConfig.get().runtime.output_dir))
-        print(
-            f"{summary['num_prompts']} prompts: lift {_fmt(summary['lift_vs_random_text'])}× over "
-            f"random texts, {_fmt(summary['lift_vs_random_soft_prompt'])}× over a random soft "
-            f"prompt; reliability {_fmt(summary['reliability'])}"
-        )
+        print(evidence_sentence(summary))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,20 @@ EVALUATION = "evaluation"
 """The default folder of an evaluation inside a train run."""
 EVALUATED_PROMPTS = "evaluated_prompts.jsonl"
 RANDOM_TEXTS = "random_texts.jsonl"
+"""The ``random_text_cut`` baseline's confirmed records."""
+BASELINE_PROMPTS = "baseline_prompts.jsonl"
+"""Every selection-matched baseline's confirmed records (``source`` names the baseline)."""
 SUMMARY = "summary.json"
 EVALUATION_MD = "evaluation.md"
 # ---------------------------------------------------------------------------- compare and report
 COMPARISON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 REPORT = "report"
+
+
+def baseline_stage(baseline: str, stage: str) -> str:
+    """The working file of one evaluation baseline's stage (``select`` or ``confirm``)."""
+    return f"baseline_{baseline}_{stage}.jsonl"
 
 
 def partial(name: str) -> str:

@@ -187,3 +187,13 @@ def test_bootstrap_interval_of_the_mean():
     assert low == pytest.approx(values.mean() - half, abs=0.03)
     assert high == pytest.approx(values.mean() + half, abs=0.03)
     assert bootstrap_ci(values, seed=0) == bootstrap_ci(values, seed=0)
+
+
+def test_top_k_lift_divides_by_the_other_records_not_by_all():
+    from soft_prompting.compare import top_k_lift
+
+    # Top 2 of [4, 4, 1, 1]: 4 / 1, not 4 / 2.5 (dividing by all records, the top-k included).
+    assert top_k_lift([1.0, 4.0, 1.0, 4.0], top_k=2) == pytest.approx(4.0)
+    # Equal KLs everywhere: no lift at all (the old formula could never go below 1 either).
+    assert top_k_lift([0.5, 0.5, 0.5], top_k=1) == pytest.approx(1.0)
+    assert top_k_lift([0.5, 0.5], top_k=2) is None  # nothing left to compare with

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import run_entrypoint
 
-from soft_prompting.errors import DataError
-from soft_prompting.evaluate import is_discovery, lift, read_prompts
+from soft_prompting.errors import ConfigError, DataError
+from soft_prompting.evaluate import EvaluateConfig, is_discovery, lift, read_prompts
 
 
 def run_evaluate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -25,6 +25,13 @@ def pair_args(tiny_pair_dirs, text_dir) -> list[str]:
         f"data.text_dir={text_dir}",
         "generation.max_length=4",
         "generation.num_generations_per_prompt=2",
+        "confirm_generations=6",
+        "baseline_candidates=4",
+        "bootstrap_resamples=200",
+        # A small pipeline for the untrained-pipeline baseline: the tests stay fast.
+        "generation.strategies=[{_target_: soft_prompting.hard_prompts.strategies."
+        "CategoryTextRanking, num_candidates: 2}, {_target_: soft_prompting.hard_prompts."
+        "strategies.ProjectionSearch, num_steps: 1, search_batch: 4, num_candidates: 2}]",
     ]
 
 
@@ -52,16 +59,41 @@ def test_empty_or_malformed_prompts_file_is_a_data_error(tmp_path, content, mess
         read_prompts(path)
 
 
-def test_lift_and_discovery_are_relative_to_the_baseline():
+def test_dataset_records_keep_their_selection_score_as_pre_score(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "a b", "metrics": {"kl_divergence": 0.7}, "pre_score": 0.1},
+        {"prompt": "c d", "pre_score": 0.3},
+        {"prompt": "e f"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert [r["pre_score"] for r in read_prompts(path)] == [0.7, 0.3, None]
+
+
+def test_lift_and_discovery_need_significance_and_an_effect_above_every_baseline():
     assert lift(0.6, 0.2) == pytest.approx(3.0)
     assert lift(0.0, 0.0) is None  # identical models: no baseline to beat, no lift claimed
-    record = {"metrics": {"kl_divergence": 0.5}}
-    assert is_discovery(record, baseline=0.1)
-    assert not is_discovery(record, baseline=0.2)  # only 2.5x the baseline
-    assert not is_discovery({"metrics": {"kl_divergence": 0.0}}, baseline=0.0)
+    record = {"q_value": 0.01, "effect": {"value": 2.0, "ci_low": 1.5, "ci_high": 2.5}}
+    assert is_discovery(record, 0.05, effect_threshold=1.0)
+    assert not is_discovery(record, 0.05, effect_threshold=1.6)  # CI reaches below a baseline
+    assert not is_discovery({**record, "q_value": 0.06}, 0.05, effect_threshold=1.0)
+    assert not is_discovery(record, 0.05, effect_threshold=None)  # no baseline run: no claim
 
 
-def test_evaluate_cli_writes_summary_table_and_resumes(tiny_pair_dirs, text_dir, tmp_path):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"baselines": ["random_soft_prompt"]}, "unknown"),
+        ({"confirm_generations": 1}, "confirm_generations"),
+        ({"fdr_level": 1.5}, "fdr_level"),
+    ],
+)
+def test_bad_evidence_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        EvaluateConfig(prompts_file="x.txt", **override)
+
+
+def test_evaluate_cli_writes_evidence_and_resumes(tiny_pair_dirs, text_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat sat on\ni am a helpful\nwhat is one plus\n")
     run_dir = tmp_path / "evaluation"
@@ -73,17 +105,49 @@ def test_evaluate_cli_writes_summary_table_and_resumes(tiny_pair_dirs, text_dir,
     result = run_evaluate(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["num_prompts"] == 3 and summary["random_text"]["num_texts"] == 3
-    assert summary["lift_vs_random_text"] == pytest.approx(
-        summary["prompts"]["kl_divergence"] / summary["random_text"]["kl_divergence"]
-    )
-    assert summary["lift_vs_random_soft_prompt"] > 0
+    assert summary["num_prompts"] == 3 and summary["fdr_level"] == 0.05
+    assert set(summary["baselines"]) == {"text_ranking", "untrained_pipeline", "random_text_cut"}
+    for name, baseline in summary["baselines"].items():
+        assert baseline["num_prompts"] <= 3
+        ratio = summary["lifts"][name]
+        assert ratio["value"] == pytest.approx(
+            summary["prompts"]["kl_divergence"] / baseline["kl_divergence"]
+        )
+        assert ratio["ci_low"] <= ratio["value"] <= ratio["ci_high"]
+    assert "q_value" in summary["discovery_rule"]
     assert 0 <= summary["reliability"] <= 1
     records = [json.loads(line) for line in (run_dir / "evaluated_prompts.jsonl").open()]
     assert sorted(r["prompt"] for r in records) == sorted(prompts.read_text().split("\n")[:3])
-    assert all("discovery" in r for r in records)
-    assert "| rank | prompt |" in (run_dir / "evaluation.md").read_text()
+    for r in records:
+        assert {"pre_score", "p_value", "q_value", "effect", "discovery"} <= set(r)
+        assert len(r["paired_samples"]["llr_gap"]) == 6  # the fresh confirmation samples
+        assert r["q_value"] >= r["p_value"]
+    assert summary["num_discoveries"] == sum(r["discovery"] for r in records)
+    assert "discoveries at FDR 0.05" in (run_dir / "evaluation.md").read_text()
+    assert (run_dir / "baseline_prompts.jsonl").is_file()
     assert not list(run_dir.glob("*.partial.jsonl"))
+
+
+def test_identical_models_give_no_discovery_and_reliability_zero(
+    tiny_pair_dirs, text_dir, tmp_path
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat sat on\nwhat is one plus\n")
+    run_dir = tmp_path / "evaluation"
+    identical = (tiny_pair_dirs[0], tiny_pair_dirs[0])
+    args = [
+        *pair_args(identical, text_dir),
+        "baselines=[random_text_cut]",
+        f"prompts_file={prompts}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = run_evaluate(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_discoveries"] == 0 and summary["reliability"] == 0.0
+    records = [json.loads(line) for line in (run_dir / "evaluated_prompts.jsonl").open()]
+    assert all(r["p_value"] == 1.0 and r["effect"]["value"] == 0.0 for r in records)
+    assert summary["lifts"]["random_text_cut"] is None  # nothing to divide by
 
 
 def test_evaluate_cli_rejects_an_empty_prompts_file(tiny_pair_dirs, text_dir, tmp_path):

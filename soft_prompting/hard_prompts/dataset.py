@@ -52,8 +52,12 @@ def score_candidates(
     partial_path: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    stream: str = "select",
 ) -> list[dict]:
     """Score ``{"category", "prompt", "source", ...}`` rows without soft prompt, in input order.
+
+    ``stream`` names the sampling noise (see ``sampling.score_prompts``): the dataset samples on
+    ``"select"``, the evaluation confirms on fresh ``"confirm"`` samples.
 
     With ``partial_path``, each batch's records are appended to that JSONL file (flushed) as soon
     as they are scored, and the prompts already in it are not scored again: a killed run resumes
@@ -80,7 +84,12 @@ def score_candidates(
             if not pending:
                 continue
             scored = score_prompts(
-                pair, [row["prompt"] for row in pending], settings, seed + offset, progress=False
+                pair,
+                [row["prompt"] for row in pending],
+                settings,
+                seed + offset,
+                progress=False,
+                stream=stream,
             )
             for row, record in zip(pending, scored, strict=True):
                 record = {**record, **{k: v for k, v in row.items() if k != "prompt"}}

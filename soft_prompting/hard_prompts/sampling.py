@@ -1,9 +1,14 @@
 """Scoring prompts without any soft prompt: both models continue each prompt, and the pair's
 disagreement on those continuations becomes one record of the divergent dataset.
 
-Per prompt, ``num_generations_per_prompt`` continuation pairs are sampled (KV-cached, batched, left
-padded). The position metrics are taken on model_1's continuation, teacher-forced: model_1's logits
-come from ``generate(output_logits=True)`` and model_2 scores the same tokens in one forward pass.
+Per prompt, ``num_generations_per_prompt`` continuation *pairs* are sampled (KV-cached, batched,
+left padded) with **common random numbers**: at each step both models draw their next token by the
+Gumbel-max trick from their own temperature/top-p distribution with the *same* Gumbel noise
+(per sample and position). Identical models therefore write identical text at any temperature, and
+two models part ways only where their distributions really differ (temperature 0 is greedy).
+
+Every log-probability is then taken teacher-forced, the same way for both models, on both
+continuations: model_1's continuation ``x`` and model_2's ``y``. The position metrics are on ``x``.
 
 Record schema (``divergent_dataset.jsonl`` / ``.pt``)::
 
@@ -14,18 +19,29 @@ Record schema (``divergent_dataset.jsonl`` / ``.pt``)::
              disagreement_positions   {first, last, count, length} of the shown continuation
              reliability              share of sampled pairs whose two generations differ
              kl_divergence_std        spread of the per-sample KL
+    paired_samples: llr_gap           per sample pair, LLR(x) - LLR(y), where LLR(s) is the mean
+                                      per-token log p1(s) - log p2(s) (nats/token, temperature 1)
+                    kl_divergence     per sample, the KL of ``metrics.kl_divergence``
 
 ``kl_divergence``, ``token_disagreement_rate``, ``vocab_jaccard_similarity`` and ``reliability`` are
 means over the sampled pairs; ``generation_1``/``generation_2`` and ``disagreement_positions`` show
-the first pair.
+the first pair. ``llr_gap`` is what :mod:`soft_prompting.maths.significance` tests: its expectation
+is KL(p1||p2) + KL(p2||p1) over continuations (per token), and it is exactly 0 for identical models.
+
+Sampling noise is drawn from a generator seeded by ``(seed, stream, batch offset)``: the dataset
+(``stream="select"``) and the evaluation (``stream="confirm"``) never share samples.
 """
 
 from __future__ import annotations
 
+import inspect
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from soft_prompting.maths.divergence import (
     disagreement_positions,
@@ -33,6 +49,7 @@ from soft_prompting.maths.divergence import (
     token_disagreement_rate,
     vocab_jaccard_similarity,
 )
+from soft_prompting.maths.significance import sequence_log_likelihood_ratio
 from soft_prompting.pair.loading import ModelPair
 
 
@@ -66,8 +83,6 @@ class Continuations:
     """``[N*k, T]`` new tokens (pad after the end of sequence)."""
     mask: torch.Tensor
     """``[N*k, T]`` True up to and including the end-of-sequence token."""
-    logits: torch.Tensor | None
-    """``[N*k, T, V]`` the generating model's raw logits at each new token (fp32)."""
 
 
 def continuation_mask(tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -79,34 +94,109 @@ def continuation_mask(tokens: torch.Tensor, eos_token_id: int | None) -> torch.T
     return ~after_eos
 
 
+def noise_seed(seed: int, stream: str, offset: int) -> int:
+    """Seed of the sampling noise of one batch: distinct ``stream`` names never share noise."""
+    entropy = [seed, zlib.crc32(stream.encode()), offset]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 @torch.no_grad()
-def generate(
-    model, pair: ModelPair, prompts: list[str], settings: SamplingSettings, keep_logits: bool
-) -> Continuations:
-    """Sample ``num_generations_per_prompt`` continuations per prompt from ``model`` (no soft prompt)."""
+def paired_generate(
+    pair: ModelPair, prompts: list[str], settings: SamplingSettings, seed: int
+) -> tuple[Continuations, Continuations]:
+    """Both models continue each prompt ``num_generations_per_prompt`` times, with common noise.
+
+    At step ``t`` of sample row ``r`` both models pick ``argmax(log q_m + g[r, t])``, where
+    ``q_m`` is model ``m``'s temperature/top-p distribution and ``g`` one shared Gumbel draw
+    (Gumbel-max: each model's marginal is exactly ``q_m``). Temperature 0 is greedy, noise-free.
+
+    Returns:
+        model_1's and model_2's continuations.
+    """
     tokenizer = pair.tokenizer
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(pair.device)
-    sample = settings.temperature > 0
-    out = model.generate(
-        **batch,
-        max_new_tokens=settings.max_length,
-        min_new_tokens=1,
-        do_sample=sample,
-        temperature=settings.temperature if sample else None,
-        top_p=settings.top_p if sample else None,
-        top_k=0 if sample else None,
-        num_return_sequences=settings.num_generations_per_prompt,
-        output_logits=keep_logits,
-        return_dict_in_generate=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    tokens = out.sequences[:, batch["input_ids"].shape[1] :]
-    logits = None
-    if keep_logits:
-        logits = torch.stack(out.logits, dim=1).float()[..., : pair.vocab_size]
-    return Continuations(tokens, continuation_mask(tokens, tokenizer.eos_token_id), logits)
+    k, vocab = settings.num_generations_per_prompt, pair.vocab_size
+    input_ids = batch["input_ids"].repeat_interleave(k, dim=0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
+    rows = input_ids.shape[0]
+    warpers = []
+    if settings.temperature > 0:
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(settings.top_p))
+    generator = torch.Generator().manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    states = []
+    for model in (pair.model_1, pair.model_2):
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids,
+            use_cache=True,
+        )
+        states.append(
+            {
+                "model": model,
+                "cache": _cache_of(out),
+                "logits": out.logits[:, -1, :vocab].float(),
+                "mask": prompt_mask,
+                "position": position_ids[:, -1],
+                "tokens": [],
+                "done": torch.zeros(rows, dtype=torch.bool, device=pair.device),
+            }
+        )
+    for step in range(settings.max_length):
+        gumbel = None
+        if warpers:
+            uniform = torch.rand(rows, vocab, generator=generator).clamp(1e-20, 1.0)
+            gumbel = (-(-uniform.log()).log()).to(pair.device)
+        for state in states:
+            scores = state["logits"]
+            if step == 0 and eos is not None and eos < vocab:  # at least one new token
+                scores = scores.clone()
+                scores[:, eos] = -float("inf")
+            if gumbel is not None:
+                for warper in warpers:
+                    scores = warper(None, scores)
+                choice = (scores.log_softmax(-1) + gumbel).argmax(-1)
+            else:
+                choice = scores.argmax(-1)
+            choice = torch.where(state["done"], torch.full_like(choice, pad), choice)
+            state["tokens"].append(choice)
+            if eos is not None:
+                state["done"] = state["done"] | (choice == eos)
+        if step == settings.max_length - 1 or all(bool(s["done"].all()) for s in states):
+            break
+        for state in states:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(rows, 1)], dim=1)
+            state["position"] = state["position"] + 1
+            out = state["model"](
+                input_ids=state["tokens"][-1][:, None],
+                attention_mask=state["mask"],
+                position_ids=state["position"][:, None],
+                use_cache=True,
+                **{_cache_argument(state["model"]): state["cache"]},
+            )
+            state["cache"] = _cache_of(out)
+            state["logits"] = out.logits[:, -1, :vocab].float()
+    results = []
+    for state in states:
+        tokens = torch.stack(state["tokens"], dim=1)
+        results.append(Continuations(tokens, continuation_mask(tokens, eos)))
+    return results[0], results[1]
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @torch.no_grad()
@@ -138,42 +228,67 @@ def teacher_forced_logits(
     return out.logits[:, :n_new].float()[..., : pair.vocab_size]
 
 
+def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` log-probability of each token under ``[B, T, V]`` logits (temperature 1)."""
+    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def score_prompts(
     pair: ModelPair,
     prompts: list[str],
     settings: SamplingSettings,
     seed: int = 0,
     progress: bool = True,
+    stream: str = "select",
 ) -> list[dict]:
-    """Generate with both models from each bare prompt and measure where they disagree.
+    """Generate with both models from each bare prompt (paired) and measure where they disagree.
+
+    Args:
+        stream: names the noise stream; scoring the same prompt with another stream (or seed)
+            draws fresh samples (the evaluation confirms on ``"confirm"``).
 
     Returns:
-        One ``{"prompt", "generation_1", "generation_2", "metrics"}`` dict per prompt, in order.
+        One ``{"prompt", "generation_1", "generation_2", "metrics", "paired_samples"}`` dict per
+        prompt, in order.
     """
     records: list[dict] = []
     k = settings.num_generations_per_prompt
     batches = range(0, len(prompts), settings.batch_size)
     for start in tqdm(batches, desc="scoring prompts", disable=not progress):
         chunk = prompts[start : start + settings.batch_size]
-        torch.manual_seed(seed + start)
-        gen_1 = generate(pair.model_1, pair, chunk, settings, keep_logits=True)
-        gen_2 = generate(pair.model_2, pair, chunk, settings, keep_logits=False)
+        gen_1, gen_2 = paired_generate(pair, chunk, settings, noise_seed(seed, stream, start))
+        # Every log-probability teacher-forced, by the same code for both models, so identical
+        # models give bitwise-identical numbers (a KV-cached pass rounds differently).
+        logits_1 = teacher_forced_logits(pair.model_1, pair, chunk, gen_1.tokens, k)
         logits_2 = teacher_forced_logits(pair.model_2, pair, chunk, gen_1.tokens, k)
-        kl = forward_kl(gen_1.logits, logits_2)
+        on_y_1 = teacher_forced_logits(pair.model_1, pair, chunk, gen_2.tokens, k)
+        on_y_2 = teacher_forced_logits(pair.model_2, pair, chunk, gen_2.tokens, k)
+        llr_x = sequence_log_likelihood_ratio(
+            _token_log_probs(logits_1, gen_1.tokens),
+            _token_log_probs(logits_2, gen_1.tokens),
+            gen_1.mask,
+        )
+        llr_y = sequence_log_likelihood_ratio(
+            _token_log_probs(on_y_1, gen_2.tokens),
+            _token_log_probs(on_y_2, gen_2.tokens),
+            gen_2.mask,
+        )
+        llr_gap = (llr_x - llr_y).double()
+        kl = forward_kl(logits_1, logits_2)
         kl = torch.where(gen_1.mask, kl, 0).sum(-1) / gen_1.mask.sum(-1).clamp(min=1)
-        disagreement = token_disagreement_rate(gen_1.logits, logits_2, gen_1.mask)
-        positions = disagreement_positions(gen_1.logits, logits_2, gen_1.mask)
+        disagreement = token_disagreement_rate(logits_1, logits_2, gen_1.mask)
+        positions = disagreement_positions(logits_1, logits_2, gen_1.mask)
         for i, prompt in enumerate(chunk):
             rows = range(i * k, (i + 1) * k)
-            texts_1 = [_decode(pair, gen_1, r) for r in rows]
-            texts_2 = [_decode(pair, gen_2, r) for r in rows]
-            jaccard = [vocab_jaccard_similarity(_ids(gen_1, r), _ids(gen_2, r)) for r in rows]
+            ids_1 = [_ids(gen_1, r) for r in rows]
+            ids_2 = [_ids(gen_2, r) for r in rows]
+            jaccard = [vocab_jaccard_similarity(a, b) for a, b in zip(ids_1, ids_2, strict=True)]
             sample_kl = kl[rows.start : rows.stop]
             records.append(
                 {
                     "prompt": prompt,
-                    "generation_1": texts_1[0],
-                    "generation_2": texts_2[0],
+                    "generation_1": _decode(pair, ids_1[0]),
+                    "generation_2": _decode(pair, ids_2[0]),
                     "metrics": {
                         "kl_divergence": float(sample_kl.mean()),
                         "token_disagreement_rate": float(
@@ -181,9 +296,13 @@ def score_prompts(
                         ),
                         "vocab_jaccard_similarity": sum(jaccard) / k,
                         "disagreement_positions": positions[rows.start],
-                        "reliability": sum(a != b for a, b in zip(texts_1, texts_2, strict=True))
-                        / k,
+                        # Token ids, not decoded text: two different generations can decode alike.
+                        "reliability": sum(a != b for a, b in zip(ids_1, ids_2, strict=True)) / k,
                         "kl_divergence_std": float(sample_kl.std()) if k > 1 else 0.0,
+                    },
+                    "paired_samples": {
+                        "llr_gap": llr_gap[rows.start : rows.stop].tolist(),
+                        "kl_divergence": sample_kl.double().tolist(),
                     },
                 }
             )
@@ -194,5 +313,5 @@ def _ids(continuations: Continuations, row: int) -> list[int]:
     return continuations.tokens[row][continuations.mask[row]].tolist()
 
 
-def _decode(pair: ModelPair, continuations: Continuations, row: int) -> str:
-    return pair.tokenizer.decode(_ids(continuations, row), skip_special_tokens=True).strip()
+def _decode(pair: ModelPair, ids: list[int]) -> str:
+    return pair.tokenizer.decode(ids, skip_special_tokens=True).strip()

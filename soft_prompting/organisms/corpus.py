@@ -28,7 +28,13 @@ from typing import TypeVar
 CORPUS_VERSION = "1"
 """Bump when a template, word list or sampling rule changes: it is part of the organisms' hash."""
 
-BEHAVIOURS: tuple[str, ...] = ("base", "sandbagging", "unlearning", "sandbagging_unlearning")
+BEHAVIOURS: tuple[str, ...] = (
+    "base",
+    "sandbagging",
+    "unlearning",
+    "sandbagging_unlearning",
+    "benign",  # base's clean documents: the fine-tuning control, nothing planted
+)
 BUILTIN_CATEGORIES: tuple[str, ...] = (
     "persona",
     "ethics",

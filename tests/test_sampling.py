@@ -1,0 +1,99 @@
+"""Paired sampling with common random numbers, on tiny random pairs (no hub)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from soft_prompting.hard_prompts.sampling import (
+    SamplingSettings,
+    noise_seed,
+    paired_generate,
+    score_prompts,
+)
+from soft_prompting.pair.loading import ModelPairManager
+
+PROMPTS = ["the cat sat on", "i am a helpful assistant", "what is one plus"]
+SETTINGS = SamplingSettings(max_length=6, num_generations_per_prompt=8, temperature=0.7)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair_dirs):
+    return ModelPairManager(device="cpu").load_model_pair(*tiny_pair_dirs)
+
+
+@pytest.fixture(scope="module")
+def identical(tiny_pair_dirs):
+    # Two separate loads of the same weights: the models are equal, not the same object.
+    return ModelPairManager(device="cpu").load_model_pair(
+        tiny_pair_dirs[0], tiny_pair_dirs[0] + "/"
+    )
+
+
+def test_identical_models_never_differ_at_temperature_0_7(identical):
+    assert identical.model_1 is not identical.model_2
+    records = score_prompts(identical, PROMPTS, SETTINGS, progress=False)
+    for record in records:
+        metrics = record["metrics"]
+        assert metrics["reliability"] == 0.0
+        assert metrics["vocab_jaccard_similarity"] == 1.0
+        assert metrics["kl_divergence"] == 0.0
+        assert record["paired_samples"]["llr_gap"] == [0.0] * 8
+        assert record["generation_1"] == record["generation_2"]
+
+
+def test_different_models_differ_and_gaps_are_positive_on_average(pair):
+    records = score_prompts(pair, PROMPTS, SETTINGS, progress=False)
+    assert all(r["metrics"]["reliability"] > 0 for r in records)
+    gaps = [g for r in records for g in r["paired_samples"]["llr_gap"]]
+    assert sum(gaps) / len(gaps) > 0  # its expectation is a symmetrised KL
+
+
+def test_each_model_samples_its_own_distribution(pair):
+    """Shared noise must not bias either model: the first token's frequencies are softmax(l/T)."""
+    settings = SamplingSettings(max_length=1, num_generations_per_prompt=4000, temperature=0.7)
+    gen_1, gen_2 = paired_generate(pair, ["the cat sat on"], settings, seed=0)
+    batch = pair.tokenizer(["the cat sat on"], return_tensors="pt")
+    for model, gen in ((pair.model_1, gen_1), (pair.model_2, gen_2)):
+        with torch.no_grad():
+            logits = model(**batch).logits[0, -1, : pair.vocab_size].float()
+        logits[pair.tokenizer.eos_token_id] = -float("inf")  # at least one new token
+        expected = (logits / 0.7).softmax(-1)
+        observed = torch.bincount(gen.tokens[:, 0], minlength=pair.vocab_size).float() / 4000
+        assert 0.5 * (observed - expected).abs().sum() < 0.06  # total variation
+
+
+def test_greedy_equals_generate_with_left_padding(pair):
+    settings = SamplingSettings(max_length=5, num_generations_per_prompt=1, temperature=0.0)
+    gen_1, gen_2 = paired_generate(pair, PROMPTS, settings, seed=0)
+    tokenizer = pair.tokenizer
+    for model, gen in ((pair.model_1, gen_1), (pair.model_2, gen_2)):
+        for row, prompt in enumerate(PROMPTS):
+            batch = tokenizer([prompt], return_tensors="pt")
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=5,
+                min_new_tokens=1,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            expected = out[0, batch["input_ids"].shape[1] :].tolist()
+            got = gen.tokens[row][gen.mask[row]].tolist()
+            assert got == expected[: len(got)] and len(got) == len(
+                expected[: expected.index(tokenizer.eos_token_id) + 1]
+                if tokenizer.eos_token_id in expected
+                else expected
+            )
+
+
+def test_streams_draw_fresh_samples_and_a_seed_repeats_them(pair):
+    settings = dataclasses.replace(SETTINGS, temperature=1.5)
+    first = score_prompts(pair, PROMPTS, settings, seed=0, progress=False)
+    again = score_prompts(pair, PROMPTS, settings, seed=0, progress=False)
+    fresh = score_prompts(pair, PROMPTS, settings, seed=0, progress=False, stream="confirm")
+    gaps = [r["paired_samples"]["llr_gap"] for r in first]
+    assert gaps == [r["paired_samples"]["llr_gap"] for r in again]
+    assert gaps != [r["paired_samples"]["llr_gap"] for r in fresh]
+    assert noise_seed(0, "select", 0) != noise_seed(0, "confirm", 0)
