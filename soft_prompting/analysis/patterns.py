@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from soft_prompting import run_files
 from soft_prompting.errors import ConfigError
-from soft_prompting.run_files import read_jsonl, write_json
+from soft_prompting.run_files import write_json
 
 DEFAULT_METRICS = (
     "kl_divergence",
@@ -60,21 +61,27 @@ def load_records(dataset) -> list[dict]:
     """Records from a list of dicts, a ``.jsonl``/``.pt`` file, or a run directory.
 
     A run directory is searched for ``divergent_dataset.jsonl`` (then ``.pt``); a comparison
-    directory (with one sub-directory per category) yields the records of every category.
+    directory (with one sub-directory per category) yields the records of every category. Files
+    are read by :func:`soft_prompting.run_files.read_records`, the one safe reader of results: a
+    ``.pt`` is never unpickled, and a file that is not a list of records is a :class:`DataError`.
+
+    Raises:
+        FileNotFoundError: a directory holds no divergent dataset.
+        DataError: a file is missing, unreadable or holds something other than records.
     """
     if isinstance(dataset, (str, Path)):
         path = Path(dataset)
         if path.is_dir():
-            for name in ("divergent_dataset.jsonl", "divergent_dataset.pt"):
+            for name in (run_files.DATASET_JSONL, run_files.DATASET_PT):
                 if (path / name).is_file():
-                    return load_records(path / name)
-            nested = sorted(path.glob("*/divergent_dataset.jsonl"))
+                    return run_files.read_records(path / name)
+            nested = sorted(path.glob(f"*/{run_files.DATASET_JSONL}"))
             if nested:
-                return [record for file in nested for record in load_records(file)]
-            raise FileNotFoundError(f"{path} holds no divergent_dataset.jsonl or .pt")
-        if path.suffix == ".pt":
-            return list(torch.load(path, weights_only=True))
-        return read_jsonl(path)
+                return [record for file in nested for record in run_files.read_records(file)]
+            raise FileNotFoundError(
+                f"{path} holds no {run_files.DATASET_JSONL} or {run_files.DATASET_PT}"
+            )
+        return run_files.read_records(path)
     records = list(dataset)
     if records and not isinstance(records[0], Mapping):
         raise TypeError(
