@@ -65,6 +65,8 @@ def test_disabled_tracker_is_a_no_op(monkeypatch, tmp_path):
 
 
 def test_offline_tracker_logs_config_metrics_table_and_artifacts(no_key, monkeypatch, tmp_path):
+    """What reaches W&B is read through its public API: the calls the run receives, its summary and
+    config, and its files folder (never W&B's binary ``.wandb`` log, whose format is private)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = finished_run_dir(tmp_path)
     tracker = ExperimentTracker(
@@ -73,6 +75,19 @@ def test_offline_tracker_logs_config_metrics_table_and_artifacts(no_key, monkeyp
         project_name="soft-prompting-test",
         run_dir=tmp_path / "wb",
     )
+    logged_data, artifacts = [], []
+    log, log_artifact = tracker.run.log, tracker.run.log_artifact
+
+    def spy_log(data, *args, **kwargs):
+        logged_data.append((dict(data), kwargs.get("step")))
+        return log(data, *args, **kwargs)
+
+    def spy_log_artifact(artifact, *args, **kwargs):
+        artifacts.append((artifact.name, artifact.type, sorted(artifact.manifest.entries)))
+        return log_artifact(artifact, *args, **kwargs)
+
+    monkeypatch.setattr(tracker.run, "log", spy_log)
+    monkeypatch.setattr(tracker.run, "log_artifact", spy_log_artifact)
     try:
         assert tracker.mode == "offline" and tracker.enabled
         assert tracker.run.config["training"]["learning_rate"] == 0.03
@@ -81,15 +96,37 @@ def test_offline_tracker_logs_config_metrics_table_and_artifacts(no_key, monkeyp
         logged = tracker.log_run_dir(run)
         assert logged == ["metrics", "dataset_table", "dataset_artifact", "soft_prompt"]
         tracker.log_metrics({"val": {"divergence_no_prompt": 0.2}}, step=1)
+        assert tracker.run.summary["val/divergence"] == 0.5
     finally:
         tracker.finish()
-    offline_runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    tables = list(offline_runs[0].rglob("divergent_dataset*.table.json"))
+
+    metrics, table, nested = logged_data
+    # Numbers only: metrics.json's nested strings (the environment) are not metrics.
+    assert metrics == ({"val/divergence": 0.5}, None)
+    assert nested == ({"val/divergence_no_prompt": 0.2}, 1)
+    [(name, rows)] = table[0].items()
+    assert name == "divergent_dataset"
+    assert dict(zip(rows.columns, rows.data[0], strict=True)) == {
+        "prompt": "what is two plus three",
+        "generation_1": "five",
+        "generation_2": "six",
+        "category": "sandbagging",
+        "source": "category_text",
+        "kl_divergence": 2.5,
+        "token_disagreement_rate": 1.0,
+        "vocab_jaccard_similarity": None,
+        "reliability": 1.0,
+        "first_disagreement": 0,
+    }
+    # (W&B may store the table as a run_table artifact of its own.)
+    assert [a for a in artifacts if a[1] != "run_table"] == [
+        ("divergent_dataset", "dataset", ["divergent_dataset.jsonl"]),
+        ("soft_prompt", "model", ["adapter_config.json", "adapter_model.safetensors"]),
+    ]
+    # The offline run is on disk, waiting for `wandb sync`, with the table among its files.
+    [offline_run] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    tables = list((offline_run / "files").rglob("divergent_dataset*.table.json"))
     assert tables and "what is two plus three" in tables[0].read_text()
-    history = next(offline_runs[0].glob("run-*.wandb")).read_bytes()
-    for name in (b"divergent_dataset", b"soft_prompt", b"val/divergence"):
-        assert name in history, name
 
 
 def test_configs_become_plain_dicts(tmp_path):
