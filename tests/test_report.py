@@ -122,13 +122,20 @@ def run_dir(tmp_path_factory, tiny_pair_dirs) -> Path:
                     "empty": {"value": 9999.0, "ci_low": 9000.0, "ci_high": 10000.0},
                 },
                 "reliability": 0.75,
+                "prompts": {"effect": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}},
             }
         )
     )
     # Every chemistry prompt is a discovery, no arithmetic one: the summary must say so.
     (run / "evaluation" / "evaluated_prompts.jsonl").write_text(
         "\n".join(
-            json.dumps({"prompt": r["prompt"], "discovery": r["category"] == "chemistry"})
+            json.dumps(
+                {
+                    "prompt": r["prompt"],
+                    "discovery": r["category"] == "chemistry",
+                    "effect": {"value": 0.5 if r["category"] == "chemistry" else 0.1},
+                }
+            )
             for r in make_records()
         )
     )
@@ -166,6 +173,7 @@ def test_html_shows_the_run(report, tiny_pair_dirs):
     assert tiny_pair_dirs[0] in text and tiny_pair_dirs[1] in text
     assert "3.00×" in text  # soft-prompt lift 0.9 / 0.3
     assert "4.25×" in text and "[3.50, 5.00]" in text  # the evaluation's lift with its CI
+    assert "Effect: 0.400 [0.300, 0.500]" in text
     assert (
         "n/a (baseline" in text and "9999.00" not in text and "9000.00" not in text
     )  # a lift over a near-zero baseline
@@ -246,6 +254,7 @@ def test_summary_states_both_behaviours_from_the_data(report):
     # The evidence: every chemistry prompt is a discovery, no arithmetic one.
     found = re.search(r"(\d) of (\d) evaluated prompts are discoveries", summary)
     assert found and found[1] == found[2] and int(found[1]) >= 6, summary
+    assert "discoveries, mean effect 0.500 nats/token" in summary
     assert "none of its 8 evaluated prompts is a discovery" in summary
 
 

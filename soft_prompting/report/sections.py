@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import OmegaConf
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from soft_prompting.analysis.clustering import first_disagreement, normalise_span, word_diff
 
@@ -25,12 +26,12 @@ if TYPE_CHECKING:
 
 FOUND_SHARE = 0.5
 """A group shows a behaviour when at least this share of its records part the same way."""
-ENGLISH_NUMBER = re.compile(r"(\d+)\s*(plus|\+|minus|-|times|x|\*)\s*(\d+)")
-STOP_WORDS = frozenset(
-    "a an the is are was were be of to in on for and or what which who how why does do did you "
-    "your i it this that with as at by from question answer can let us here there about me my "
-    "please next test begin short quiz".split()
+SUM = re.compile(r"(\d+)\s*(plus|\+|minus|-|times|x|\*)\s*(\d+)")
+TOPIC_STOP_WORDS = frozenset(
+    "question answer let us here please next test begin short quiz tell".split()
 )
+"""Words of the organisms' and most quiz prompts' framing, besides scikit-learn's English stop
+words, that never name a topic."""
 
 
 @dataclass
@@ -111,6 +112,23 @@ def _number(node, *keys) -> float | None:
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
+def _dig(node, *keys):
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _interval(block) -> str | None:
+    """``{"value", "ci_low", "ci_high"}`` as "0.412 [0.300, 0.520]"; None when absent."""
+    value = _number({"v": block}, "v")
+    if value is None:
+        return None
+    low, high = _number(block, "ci_low"), _number(block, "ci_high")
+    return fmt(value) + (
+        f" [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else ""
+    )
+
+
 def last_sentence(prompt: str) -> str:
     """The part of a prompt its continuation answers: after the last full stop."""
     parts = [p for p in re.split(r"\s[.!]\s", f" {prompt} ") if p.strip()]
@@ -177,6 +195,8 @@ def evaluation_view(label: str, path: Path, summary: dict, inputs: ReportInputs)
         "num_discoveries": summary.get("num_discoveries"),
         "discovery_rule": summary.get("discovery_rule"),
         "fdr_level": summary.get("fdr_level"),
+        "effect": _interval(_dig(summary, "prompts", "effect")),
+        "effect_measure": summary.get("effect_measure"),
         "reliability": _number(summary, "reliability")
         or _number(summary, "prompts", "reliability"),
         "reliability_baseline": _number(summary, "reliability_random_text")
@@ -226,6 +246,12 @@ def describe_behaviour(
         if str(r.get("prompt")) in evaluated
     ]
     flags = [f for f in flags if isinstance(f, bool)]
+    effects = [
+        _number(evaluated[str(r.get("prompt"))], "effect")
+        for r in members
+        if str(r.get("prompt")) in evaluated
+    ]
+    effects = [e for e in effects if e is not None]
     wrong = arithmetic_errors([r for r, _, _ in matching]) if kind == "number" else None
     kl = [r.get("metrics", {}).get("kl_divergence") for r in members]
     kl = [k for k in kl if isinstance(k, (int, float))]
@@ -241,6 +267,7 @@ def describe_behaviour(
         "mean_kl": float(np.mean(kl)) if kl else None,
         "discoveries": sum(flags) if flags else None,
         "evaluated": len(flags),
+        "mean_effect": float(np.mean(effects)) if effects else None,
         "arithmetic": wrong,
         "example": {
             "prompt": example.get("prompt", ""),
@@ -331,7 +358,7 @@ def topic_words(members: list[dict], others: list[dict], k: int = 3) -> list[str
             w
             for r in records
             for w in set(re.findall(r"[a-z]+", last_sentence(str(r.get("prompt", ""))).lower()))
-            if len(w) > 2 and w not in STOP_WORDS
+            if len(w) > 2 and w not in ENGLISH_STOP_WORDS and w not in TOPIC_STOP_WORDS
         )
         return {w: c / max(1, len(records)) for w, c in counts.items()}
 
@@ -345,7 +372,7 @@ def arithmetic_errors(records: list[dict]) -> dict:
     right (checks what it can: ``plus``/``minus``/``times`` of two integers)."""
     checked = wrong = 0
     for r in records:
-        matches = list(ENGLISH_NUMBER.finditer(last_sentence(str(r.get("prompt", "")))))
+        matches = list(SUM.finditer(last_sentence(str(r.get("prompt", "")))))
         match = matches[-1] if matches else None
         span_1, span_2 = first_disagreement(r.get("generation_1"), r.get("generation_2"))
         if match is None or not span_1.isdigit() or not span_2.isdigit():
@@ -473,7 +500,7 @@ def summary(inputs: ReportInputs) -> dict:
     found = merged_findings(inputs)
     not_found = [
         f"{'Unclustered' if b['cluster'] < 0 else 'Cluster ' + str(b['cluster'])} "
-        f"({b['size']} records): "
+        f"({b['size']} record{'s' if b['size'] != 1 else ''}): "
         + (
             f"{b['sentence']} But {b['why_not']}."
             if b["kind"] not in ("agree", "mixed") and b["cluster"] >= 0
