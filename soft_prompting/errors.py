@@ -9,9 +9,12 @@ lines and exits with status 2 instead of a traceback wall; ``SOFT_PROMPTING_DEBU
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 
 class SoftPromptingError(Exception):
@@ -36,6 +39,35 @@ class RunDirError(SoftPromptingError, FileExistsError):
 
 class DivergenceError(SoftPromptingError, FloatingPointError):
     """The divergence became NaN or infinite."""
+
+
+class Interrupted(SoftPromptingError):
+    """A run stopped by a signal (SIGTERM, SIGINT, SLURM's SIGUSR1); the message says how to resume."""
+
+
+def exit_2_on_config_errors(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a ``hydra.main`` entrypoint so that a config error exits with status 2, as every other
+    error a user can fix does, instead of Hydra's 1.
+
+    Hydra prints its own one-line message (a mistyped key, a bad override, an unknown config
+    choice) and exits 1 from inside its ``except`` block, so the exception is the ``SystemExit``'s
+    context. ``SOFT_PROMPTING_DEBUG=1`` turns on ``HYDRA_FULL_ERROR`` for Hydra's traceback.
+    """
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    @functools.wraps(hydra_main)
+    def main(*args: Any, **kwargs: Any) -> Any:
+        if debug_enabled():
+            pass
+        try:
+            return hydra_main(*args, **kwargs)
+        except SystemExit as stop:
+            config_error = (ConfigCompositionException, OverrideParseException)
+            if stop.code == 1 and isinstance(stop.__context__, config_error):
+                raise SystemExit(2) from None
+            raise
+
+    return main
 
 
 def debug_enabled() -> bool:

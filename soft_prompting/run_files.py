@@ -8,7 +8,10 @@ are read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -17,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- train
 CHECKPOINTS = "checkpoints"
@@ -30,6 +35,10 @@ TRAINING_CURVE = f"{LOGS}/metrics.csv"
 DATASET_JSONL = "divergent_dataset.jsonl"
 DATASET_PT = "divergent_dataset.pt"
 CANDIDATES = "candidates.jsonl"
+DATASET_FINGERPRINT = "divergent_dataset.fingerprint.json"
+"""What the partial dataset files were made from; partials of other settings are discarded."""
+LOCK = ".lock"
+"""Held by the run using the directory (see :func:`run_dir_lock`)."""
 # ---------------------------------------------------------------------------- evaluate
 EVALUATION = "evaluation"
 """The default folder of an evaluation inside a train run."""
@@ -58,18 +67,51 @@ def partial(name: str) -> str:
 
 @contextmanager
 def atomic_path(target: str | Path):
-    """Yield a temporary path beside ``target``; rename it over ``target`` if the block succeeds."""
+    """Yield a temporary path beside ``target``; rename it over ``target`` if the block succeeds.
+
+    A block that fails leaves ``target`` as it was and no temporary file behind; an ``OSError``
+    (a full disk, a read-only folder) becomes one :class:`~soft_prompting.errors.RunDirError`
+    naming ``target``.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(target, err) from err
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from collaborators
+        _fsync(tmp)  # the rename must never publish data still in the page cache
         os.replace(tmp, target)
+    except OSError as err:
+        raise _write_error(target, err) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(target: Path, err: OSError):
+    from soft_prompting.errors import RunDirError
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunDirError(
+            f"no space left on the device while writing {target}: free some space (df -h "
+            f"{target.parent}) and run again (ckpt_path=last resumes); files written before are intact"
+        )
+    return RunDirError(
+        f"cannot write {target}: {err.strerror or err}; check the folder's permissions and free "
+        "space; files written before are intact"
+    )
 
 
 def _umask() -> int:
@@ -99,18 +141,40 @@ def write_jsonl(target: str | Path, records: Iterable[dict]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; a torn last line (from a killed writer) is dropped."""
+    """Records of a JSONL file, one JSON object a line.
+
+    A torn last line (a killed writer: no final newline, the start of a JSON object) is dropped
+    with a warning; any other line that is not a JSON object is a
+    :class:`~soft_prompting.errors.DataError` naming ``FILE:LINE``.
+    """
+    from soft_prompting.errors import DataError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 (byte {err.start}): regenerate the file") from err
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+    lines = text.splitlines()
     records = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines) - 1:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            torn = number == len(lines) and not text.endswith("\n") and line.lstrip()[:1] == "{"
+            if torn:
+                log.warning("%s:%d is a torn last line (a killed writer); dropped", path, number)
                 break
-            raise
+            raise DataError(
+                f"{path}:{number} is not a JSON object ({err.msg}): {line[:60]!r}; fix or "
+                "delete that line"
+            ) from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number} is not a JSON object: {line[:60]!r}")
+        records.append(record)
     return records
 
 
@@ -141,13 +205,73 @@ def read_records(path: str | Path) -> list[dict]:
                 f"{str(err).splitlines()[0][:160]}); regenerate it with this project"
             ) from err
     else:
-        try:
-            records = read_jsonl(path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{path} is not valid UTF-8 JSON lines: {err}") from err
+        records = read_jsonl(path)
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path} does not hold a list of records (dicts)")
     return records
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | Path):
+    """Hold ``run_dir/.lock`` for one run: a second run in the same folder is refused.
+
+    The lock is the operating system's (``flock``), so it goes with the process, even after
+    ``kill -9``; the file names the holder's process id for the message.
+    """
+    from soft_prompting.errors import RunDirError
+
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK, "a+", encoding="utf-8")
+    except OSError as err:
+        raise _write_error(run_dir / LOCK, err) from err
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunDirError(
+                f"another run (process {holder}) is using {run_dir}: wait for it to finish, or "
+                "choose another hydra.run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield run_dir
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint of this project, read with ``weights_only=True`` and checked.
+
+    Raises:
+        ModelLoadError: the file is missing, is not a plain-data checkpoint (a pickle that would
+            run code is refused, never executed), or holds no soft prompt.
+    """
+    from soft_prompting.errors import ModelLoadError
+
+    path = Path(path)
+    fix = "point at a last.ckpt written by soft_prompting.train, or drop the option to start fresh"
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist: {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds; none may end in a traceback
+        reason = str(err).split(".")[0].splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ModelLoadError(
+            f"checkpoint {path} is not a plain-data checkpoint of this project ({reason}); "
+            f"nothing in it was run: {fix}"
+        ) from None
+    prompt = state.get("state_dict", {}).get("soft_prompt") if isinstance(state, dict) else None
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim != 2:
+        raise ModelLoadError(
+            f"checkpoint {path} holds no soft prompt (state_dict.soft_prompt, a 2-D tensor): {fix}"
+        )
+    return state
 
 
 def environment() -> dict[str, str]:

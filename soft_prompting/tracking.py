@@ -14,6 +14,7 @@ holds no key.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -21,7 +22,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from soft_prompting.config import WandbConfig
 
@@ -39,10 +42,19 @@ def wandb_mode(config: WandbConfig) -> str:
 
 
 def build_loggers(
-    wandb_config: WandbConfig, run_dir: Path, run_name: str, hparams: dict
+    wandb_config: WandbConfig,
+    run_dir: Path,
+    run_name: str,
+    hparams: dict,
+    resume_step: int | None = None,
 ) -> list[Logger]:
-    """CSV logger into ``run_dir/logs``, plus a W&B logger when enabled."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    """CSV logger into ``run_dir/logs``, plus a W&B logger when enabled.
+
+    ``resume_step``: the step of the checkpoint a run resumes; the curve logged before it is kept.
+    """
+    loggers: list[Logger] = [
+        ResumableCSVLogger(save_dir=str(run_dir), name="logs", version="", resume_step=resume_step)
+    ]
     if wandb_config.enabled:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -57,6 +69,67 @@ def build_loggers(
             )
         )
     return loggers
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSV logger, except that a resumed run appends to ``metrics.csv``.
+
+    Lightning's own deletes the file when its folder is not empty, so resuming after a kill would
+    lose the curve up to the kill. Here the rows before ``resume_step`` (the resumed checkpoint's
+    step) are kept and the rows after it, which the resumed run logs again, are dropped.
+    """
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if self._resume_step is None:  # a fresh run (overwrite=true): a fresh curve
+            path.unlink()
+            return
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+        kept = [row for row in rows if _step(row) is not None and _step(row) < self._resume_step]
+        self.metrics_keys = sorted(keys)
+        self._write_rows(self.metrics_keys, kept)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        self._write_rows(fieldnames, rows)
+
+    def _write_rows(self, fieldnames: list[str], rows: list[dict]) -> None:
+        from soft_prompting.run_files import atomic_path
+
+        with atomic_path(self.metrics_file_path) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _step(row: dict) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None  # a torn last row of a killed run
 
 
 def finish_tracking() -> None:

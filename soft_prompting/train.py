@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from soft_prompting import run_files
 from soft_prompting.config import TrainConfig, register_configs, to_train_config
-from soft_prompting.errors import ConfigError, reported_errors
+from soft_prompting.errors import ConfigError, exit_2_on_config_errors, reported_errors
 from soft_prompting.pair.loading import ModelPairManager
 from soft_prompting.tracking import finish_tracking
 from soft_prompting.training import pipeline
@@ -28,34 +28,44 @@ register_configs()
 
 
 def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
-    """The recipe: seed → model pair + prompt → data → trainer → fit → validate → export → dataset."""
-    pipeline.check_run_dir(run_dir, config)
-    pl.seed_everything(config.seed, workers=True)
-    module = DivergenceModule(**pipeline.module_args(config))
-    datamodule = pipeline.build_datamodule(module, config)
-    trainer = pipeline.build_trainer(config, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=config.ckpt_path)
-    pipeline.save_last_checkpoint(trainer, run_dir)
-    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
-    pipeline.export_results(trainer, module, run_dir, metrics)
-    if not trainer.is_global_zero:
-        return metrics
-    print(
-        f"validation divergence ({config.training.divergence}): "
-        f"{metrics['val/divergence']:.4f} with the soft prompt, "
-        f"{metrics['val/divergence_no_prompt']:.4f} without"
-    )
-    if config.write_dataset and config.training.strategy == "fsdp":
-        print(sharded_dataset_hint(run_dir))
-    elif config.write_dataset:
-        # Lightning's teardown left the module on the CPU; the pair would follow it there.
-        module.to(trainer.strategy.root_device)
-        texts = pipeline.all_texts_by_category(datamodule)
-        records = pipeline.write_dataset(
-            module, texts, config, run_dir, run_dir / run_files.LAST_CHECKPOINT
+    """The recipe: seed → model pair + prompt → data → trainer → fit → validate → export → dataset.
+
+    One run per directory (a lock), a checkpoint to resume checked before any model loads, and a
+    signal (SIGTERM, SIGINT, SLURM's SIGUSR1) saves ``last.ckpt`` and exits non-zero.
+    """
+    with pipeline.claimed_run_dir(run_dir, config), pipeline.Preemption(run_dir) as preemption:
+        checkpoint, state = pipeline.resume_checkpoint(config, run_dir)
+        pl.seed_everything(config.seed, workers=True)
+        module = DivergenceModule(**pipeline.module_args(config))
+        datamodule = pipeline.build_datamodule(module, config)
+        resume_step = state["global_step"] if state else None
+        trainer = pipeline.build_trainer(config, run_dir, resume_step, preemption)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        pipeline.save_last_checkpoint(trainer, run_dir)
+        metrics = {
+            k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()
+        }
+        pipeline.export_results(trainer, module, run_dir, metrics)
+        if not trainer.is_global_zero:
+            return metrics
+        print(
+            f"validation divergence ({config.training.divergence}): "
+            f"{metrics['val/divergence']:.4f} with the soft prompt, "
+            f"{metrics['val/divergence_no_prompt']:.4f} without"
         )
-        print(f"divergent dataset: {len(records)} records -> {run_dir / run_files.DATASET_JSONL}")
-    return metrics
+        if config.write_dataset and config.training.strategy == "fsdp":
+            print(sharded_dataset_hint(run_dir))
+        elif config.write_dataset:
+            # Lightning's teardown left the module on the CPU; the pair would follow it there.
+            module.to(trainer.strategy.root_device)
+            texts = pipeline.all_texts_by_category(datamodule)
+            records = pipeline.write_dataset(
+                module, texts, config, run_dir, run_dir / run_files.LAST_CHECKPOINT
+            )
+            print(
+                f"divergent dataset: {len(records)} records -> {run_dir / run_files.DATASET_JSONL}"
+            )
+        return metrics
 
 
 def sharded_dataset_hint(run_dir: Path) -> str:
@@ -81,6 +91,7 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
         )
 
 
+@exit_2_on_config_errors
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_config = HydraConfig.get()

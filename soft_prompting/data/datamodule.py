@@ -74,7 +74,16 @@ def load_text_dir(text_dir: str | Path, categories: list[str] | None) -> dict[st
     folder = Path(text_dir).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.text_dir={str(text_dir)!r} is not a folder")
-    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in TEXT_SUFFIXES}
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in TEXT_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise DataError(
+                f"category {path.stem!r} has two files, {files[path.stem].name} and {path.name}, "
+                f"in {folder}: merge them into one, or rename one to start another category"
+            )
+        files[path.stem] = path
     if not files:
         raise DataError(
             f"data.text_dir={str(text_dir)!r} has no .txt or .jsonl files: put one file per "
@@ -88,6 +97,19 @@ def load_text_dir(text_dir: str | Path, categories: list[str] | None) -> dict[st
             f"{missing[0]}.txt or fix data.categories"
         )
     return {name: read_category_file(files[name]) for name in wanted}
+
+
+def available_categories(text_dir: str | None, hf_dataset: str | None) -> list[str] | None:
+    """The category names a data source offers, found without reading any text (None: unknown
+    until the Hugging Face dataset is loaded)."""
+    if text_dir:
+        folder = Path(text_dir).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"data.text_dir={str(text_dir)!r} is not a folder")
+        return sorted({p.stem for p in folder.iterdir() if p.suffix in TEXT_SUFFIXES})
+    if hf_dataset:
+        return None
+    return list(corpus.BUILTIN_CATEGORIES)
 
 
 def load_builtin(categories: list[str] | None, seed: int) -> dict[str, list[str]]:

@@ -32,6 +32,8 @@ from soft_prompting.pair.sharding import layer_device_map
 
 log = logging.getLogger(__name__)
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,6 +154,17 @@ def check_compatible(pair: ModelPair, tokenizer_2: PreTrainedTokenizerBase) -> N
                 f"the two tokenizers differ: token {token!r} has id {index} in model_1 and "
                 f"{vocab_2.get(token)} in model_2; both models need the same tokenizer"
             )
+    differing = [
+        f"{name} {getattr(pair.tokenizer, name)!r} vs {getattr(tokenizer_2, name)!r}"
+        for name in _SPECIAL_TOKENS
+        if getattr(pair.tokenizer, name) != getattr(tokenizer_2, name)
+    ]
+    if differing:
+        log.warning(
+            "the two tokenizers share a vocabulary but not their special tokens (%s); model_1's "
+            "are used for both, so model_2 may stop or pad differently from how it was trained",
+            "; ".join(differing),
+        )
     hidden_1 = pair.model_1.get_input_embeddings().weight.shape[-1]
     hidden_2 = pair.model_2.get_input_embeddings().weight.shape[-1]
     if hidden_1 != hidden_2:
@@ -209,7 +222,19 @@ class ModelPairManager:
             )
         if device_map:
             device = "cuda:0"  # where the split puts embeddings and heads, so the soft prompt too
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ModelLoadError(f"device={device!r}: use cpu, cuda or cuda:N ({err})") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device={device!r} but CUDA is not available on this machine: use device='cpu'"
+            )
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s): use "
+                "cuda:0 … or check CUDA_VISIBLE_DEVICES"
+            )
         self.torch_dtype = resolve_dtype(torch_dtype, self.device)
         self.load_in_8bit = load_in_8bit
         self.load_in_4bit = load_in_4bit
@@ -270,9 +295,22 @@ class ModelPairManager:
         return pair
 
     def _load_tokenizer(self, path: str, revision: str | None) -> PreTrainedTokenizerBase:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=revision, trust_remote_code=self.trust_remote_code
-        )
+        folder = Path(path)
+        if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save it there "
+                "with tokenizer.save_pretrained(FOLDER), or copy the base model's tokenizer files"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, revision=revision, trust_remote_code=self.trust_remote_code
+            )
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ModelLoadError(
+                f"cannot load the tokenizer of {path}: {reason}; check its tokenizer files "
+                "(tokenizer.json, tokenizer_config.json) or save it again with save_pretrained"
+            ) from None
         if tokenizer.pad_token is None:
             # Padding is always masked out, so any id works; eos is the conventional stand-in.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

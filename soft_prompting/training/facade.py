@@ -302,6 +302,13 @@ class TokenizedBatches:
         )
 
     def _tokenize(self, texts: list[str]) -> dict:
+        # A blank text has no position to score: its divergence would be 0/0.
+        texts = [text for text in texts if text.strip()]
+        if not texts:
+            raise DataError(
+                "a batch of the DataLoader holds only blank texts: drop empty strings from the "
+                "dataset (every text needs at least one token)"
+            )
         self._remember(texts)
         self.tokenizer.padding_side = "left"
         encoded = self.tokenizer(
