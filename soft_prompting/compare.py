@@ -38,7 +38,13 @@ from soft_prompting.analysis.patterns import (
     load_records,
 )
 from soft_prompting.config import CompareConfig, TrainConfig, register_configs, to_train_config
-from soft_prompting.errors import ConfigError, DataError, SoftPromptingError, reported_errors
+from soft_prompting.errors import (
+    ConfigError,
+    DataError,
+    SoftPromptingError,
+    exit_2_on_config_errors,
+    reported_errors,
+)
 from soft_prompting.report.comparison import comparison_markdown
 from soft_prompting.run_files import write_json
 
@@ -346,6 +352,7 @@ def aggregate(jobs: list[dict], config: CompareConfig) -> dict:
     }
 
 
+@exit_2_on_config_errors
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="compare")
 def main(cfg: DictConfig) -> float:
     with reported_errors():

@@ -58,7 +58,7 @@ def exit_2_on_config_errors(hydra_main: Callable[..., Any]) -> Callable[..., Any
     @functools.wraps(hydra_main)
     def main(*args: Any, **kwargs: Any) -> Any:
         if debug_enabled():
-            pass
+            os.environ.setdefault("HYDRA_FULL_ERROR", "1")
         try:
             return hydra_main(*args, **kwargs)
         except SystemExit as stop:
