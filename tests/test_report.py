@@ -313,3 +313,42 @@ def test_each_category_keeps_one_colour():
     first = category_colours(["unlearning", "sandbagging", "capabilities"])
     again = category_colours(["capabilities", "sandbagging", "unlearning", "sandbagging"])
     assert first == again and len(set(first.values())) == 3
+
+
+def test_summary_flags_a_control_and_a_category_without_discoveries(tmp_path):
+    from soft_prompting.report.build import RunContents
+    from soft_prompting.report.sections import ReportInputs, summary
+
+    records = make_records()
+    for r in records:  # the chemistry prompts are the "unlearning" category, sums "capabilities"
+        r["category"] = "unlearning" if r["category"] == "chemistry" else "capabilities"
+    categories = {
+        "unlearning": {"training": {"val/divergence_no_prompt": 0.6}},
+        "capabilities": {"training": {"val/divergence_no_prompt": 0.002}},
+    }
+    evaluations = {
+        name: (tmp_path / name / "summary.json", {"num_prompts": 8, "num_discoveries": n}, [])
+        for name, n in (("unlearning", 5), ("capabilities", 0))
+    }
+    run = RunContents(
+        run_dir=tmp_path,
+        records=records,
+        config={},
+        metrics={},
+        training_logs={},
+        evaluation=None,
+        comparison={"ranking": ["unlearning", "capabilities"], "categories": categories},
+        evaluations=evaluations,
+    )
+    clusters = {
+        "assignments": [0 if r["category"] == "unlearning" else 1 for r in records],
+        "clusters": [{"cluster": 0}, {"cluster": 1}],
+    }
+    result = summary(ReportInputs(run, records, {}, clusters, {}, [], ReportConfig(run_dir="x")))
+    lines = {c["name"]: c for c in result["categories"]}
+    assert "5 discoveries" in lines["unlearning"]["facts"] and not lines["unlearning"]["control"]
+    assert "0.0020 nats/token" in lines["capabilities"]["control"]
+    not_found = " ".join(result["not_found"])
+    assert "Category capabilities: no discoveries among its 8 evaluated prompts" in not_found
+    assert "Category capabilities (control)" in not_found
+    assert "Category unlearning" not in not_found

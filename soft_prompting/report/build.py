@@ -9,16 +9,23 @@ clustering settings); an unknown key fails, naming it. Written into ``RUN_DIR/re
 ``analysis/`` (:class:`~soft_prompting.analysis.patterns.DivergenceAnalyzer`) and ``clusters/``
 (:class:`~soft_prompting.analysis.clustering.BehavioralClusteringAnalyzer`).
 
+The recipe (:func:`build_report`): read the run → analyse and cluster its records → plot → one
+function per section turns all that into plain data (``sections.py``) → the Jinja2 templates
+render it (``render.py``, ``templates/``, ``style.css``). The page opens with a written summary of
+what model_2 does differently, built from the two continuations of the records.
+
 What the run directory may hold, and what the report reads from it (each part is optional except
 the dataset): ``.hydra/config.yaml`` (config and model ids), ``metrics.json`` (validation
 divergence with and without the soft prompt), ``logs/metrics.csv`` (training curve),
-``divergent_dataset.jsonl`` (or ``.pt``), the summary of ``soft_prompting.evaluate``
-(``evaluation/summary.json`` or another ``*summary*.json``: its lift and reliability numbers), and
-``comparison.json`` with one sub-run per category (a ``soft_prompting.compare`` directory).
+``divergent_dataset.jsonl`` (or ``.pt``), the evaluation of ``soft_prompting.evaluate``
+(``evaluation/summary.json`` and ``evaluated_prompts.jsonl``; one per category in a comparison; or
+one written elsewhere, see ``evaluation_dir``), and ``comparison.json`` with one sub-run per
+category (a ``soft_prompting.compare`` directory).
 
 With ``models=true`` (the default) the pair is loaded from the run's config for the teacher-forced
-position profile, the argmax token pairs and hidden-state embeddings; ``models=false`` skips that
-(for pairs too large to load twice) and uses word TF-IDF for the clusters.
+position profile, the argmax token pairs and the hidden-state similarity of the generations;
+``models=false`` skips that (for pairs too large to load twice). The clusters are built from the
+disagreeing spans of the two continuations either way (``clustering.features``).
 """
 
 from __future__ import annotations
