@@ -492,7 +492,7 @@ def summarise(
         "prompts_file": str(config.prompts_file),
         "seed": config.seed,
         "generation": asdict(config.generation),
-        "environment": environment(),
+        "environment": environment(module.pair.device),
     }
     if config.soft_prompt_checkpoint:
         trained = check_soft_prompt_checkpoint(

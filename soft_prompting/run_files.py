@@ -274,15 +274,44 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def environment() -> dict[str, str]:
-    """Library versions and device, written next to every result."""
+def environment(device: torch.device | str | None = None) -> dict[str, str]:
+    """Library versions, the device the models ran on and the machine, written next to results.
+
+    Args:
+        device: where the models ran; None when the caller does not know: then the device
+            ``torch`` uses by default here (the GPU if there is one, else the CPU).
+    """
     import lightning
     import transformers
 
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
+        "device": describe_device(torch.device(device)),
+        "architecture": platform.machine(),
     }
+
+
+def describe_device(device: torch.device) -> str:
+    """``"cuda:0 (NVIDIA H100 80GB HBM3)"``, ``"cpu (AMD EPYC 7763 64-Core Processor)"``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu":
+        return f"cpu ({cpu_model_name()})"
+    return str(device)
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):  # x86; ARM boards say "Model"
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def test_train_command_line_writes_the_documented_outputs(finished_run):
     assert kl == sorted(kl, reverse=True)
     state = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"]["soft_prompt"].shape == (8, 32)  # experiment.yaml: 8 tokens
+
+
+def test_metrics_record_the_device_the_run_used_and_the_architecture(finished_run):
+    environment = json.loads((finished_run / "metrics.json").read_text())["environment"]
+    used = "cuda:" if torch.cuda.is_available() else "cpu ("  # training.accelerator=auto
+    assert environment["device"].startswith(used), environment
+    assert environment["architecture"] == platform.machine()
 
 
 def test_train_command_line_reports_a_bad_config_in_one_line(tmp_path):

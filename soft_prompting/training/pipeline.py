@@ -164,7 +164,8 @@ def export_results(
     if trainer.is_global_zero:
         module.save_soft_prompt(run_dir / run_files.SOFT_PROMPT)
         run_files.write_json(
-            run_dir / run_files.METRICS, metrics | {"environment": run_files.environment()}
+            run_dir / run_files.METRICS,
+            metrics | {"environment": run_files.environment(trainer.strategy.root_device)},
         )
 
 
