@@ -113,6 +113,7 @@ def test_trust_remote_code_is_off_by_default():
 def test_out_of_range_values_on_the_command_line(tmp_path, override, fragment):
     result = run_train([override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert_user_error(result, fragment)
+    assert result.returncode == 2  # at compose time too, before any model loads
 
 
 def test_typo_on_the_command_line_names_the_key(tmp_path):
