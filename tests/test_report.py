@@ -256,6 +256,8 @@ def test_summary_states_both_behaviours_from_the_data(report):
     assert found and found[1] == found[2] and int(found[1]) >= 6, summary
     assert "discoveries, mean effect 0.500 nats/token" in summary
     assert "none of its 8 evaluated prompts is a discovery" in summary
+    assert "Category arithmetic: no discoveries among its 8 evaluated prompts" in summary
+    assert "**chemistry**: 8 hard prompts, 8 discoveries of 8 evaluated prompts" in summary
 
 
 def test_summary_says_when_nothing_is_evaluated_and_finds_an_evaluation_elsewhere(

@@ -511,18 +511,27 @@ def summary(inputs: ReportInputs) -> dict:
     ]
     categories = []
     views = {v["label"]: v for v in evaluations(inputs)}
+    evaluated = evaluated_records(inputs)
     comparison = inputs.run.comparison or {}
     names = comparison.get("ranking") or sorted({str(r.get("category")) for r in inputs.records})
     for name in names:
         in_category = [b for b in found if name in b["categories"]]
-        view = views.get(name) or (views.get("") if len(names) == 1 else None)
-        count = sum(1 for r in inputs.records if str(r.get("category")) == name)
+        view = views.get(name)
+        mine = [r for r in inputs.records if str(r.get("category")) == name]
         training = (comparison.get("categories", {}).get(name) or {}).get("training") or {}
         baseline = training.get("val/divergence_no_prompt")
-        parts = [f"{count} hard prompts"]
+        parts = [f"{len(mine)} hard prompts"]
+        flags = [evaluated.get(str(r.get("prompt")), {}).get("discovery") for r in mine]
+        flags = [f for f in flags if isinstance(f, bool)]
         if view and isinstance(view["num_discoveries"], int):
             parts.append(f"{view['num_discoveries']} discoveries")
-        elif view is None:
+        elif flags:  # one evaluation of the whole run: count this category's prompts in it
+            parts.append(f"{sum(flags)} discoveries of {len(flags)} evaluated prompts")
+            if not any(flags):
+                not_found.append(
+                    f"Category {name}: no discoveries among its {len(flags)} evaluated prompts."
+                )
+        else:
             parts.append("not evaluated")
         said = Counter()
         for b in in_category:
