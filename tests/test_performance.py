@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 from soft_prompting.benchmark import naive_divergence, naive_prompt_tuning
 from soft_prompting.pair.loading import ModelPair

@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from conftest import WORDS, make_model
+from helpers import WORDS, make_model
 
 from soft_prompting.hard_prompts.sampling import SamplingSettings, score_prompts
 from soft_prompting.pair.loading import ModelPair
