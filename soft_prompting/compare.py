@@ -352,9 +352,29 @@ def aggregate(jobs: list[dict], config: CompareConfig) -> dict:
     }
 
 
+def lightning_logs_once() -> None:
+    """Lightning's log lines printed once, through Hydra's handlers (console and compare.log).
+
+    Lightning is first imported here after Hydra has set up logging, so its loggers propagate to
+    Hydra's root handlers, while the ``lightning`` package still adds a console handler of its
+    own on import: every Lightning line was printed twice, once by each.
+    """
+    import lightning  # noqa: F401 - its handlers are added on import
+
+    if not logging.getLogger().hasHandlers():
+        return  # no Hydra logging (hydra/job_logging=disabled): Lightning's handlers print
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # its console handlers, not file handlers
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 @exit_2_on_config_errors
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="compare")
 def main(cfg: DictConfig) -> float:
+    lightning_logs_once()
     with reported_errors():
         # to_train_config validates any root schema: here it builds a CompareConfig.
         config = to_train_config(cfg)

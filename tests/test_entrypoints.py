@@ -1,9 +1,11 @@
-"""A config error on the command line (a mistyped key, a bad override, an unknown choice) exits 2
-with Hydra's short message, like every other error a user can fix, from every entrypoint."""
+"""What a user sees from the entrypoints: a config error on the command line (a mistyped key, a
+bad override, an unknown choice) exits 2 with Hydra's short message, like every other error a user
+can fix; each log line is printed once."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import shutil
 import subprocess
 import sys
@@ -76,3 +78,28 @@ def test_the_debug_variables_raise_hydras_error_with_its_traceback(variable, mon
     raised = run_main("soft_prompting.train", ["lerning_rate=0.1"], monkeypatch, {variable: "1"})
     assert not isinstance(raised, SystemExit)  # Hydra raised it on, for the traceback
     assert "lerning_rate" in str(raised)
+
+
+def test_compare_prints_each_lightning_log_line_once(capfd):
+    """compare imports Lightning after Hydra set up logging: Lightning's own console handler and
+    Hydra's root handler both printed every line."""
+    from soft_prompting.compare import lightning_logs_once
+
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    saved = [(logger, list(logger.handlers), logger.propagate) for logger in loggers]
+    hydra_console = logging.StreamHandler(sys.stdout)  # what Hydra's job logging puts on root
+    logging.getLogger().addHandler(hydra_console)
+    try:
+        for logger in loggers:  # the state Lightning leaves when imported under Hydra's logging
+            logger.propagate = True
+        loggers[0].addHandler(logging.StreamHandler())
+        lightning_logs_once()
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("Seed set to 0")
+    finally:
+        logging.getLogger().removeHandler(hydra_console)
+        for logger, handlers, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+    out, err = capfd.readouterr()
+    assert (out + err).count("Seed set to 0") == 1, out + err
+    assert "Seed set to 0" in out  # through Hydra's handler, so also in the job's log file
