@@ -249,7 +249,9 @@ def test_summary_states_both_behaviours_from_the_data(report):
     # Sentences from the continuations, not from the config's description.
     assert "two random tiny Llamas" not in summary
     assert "model\\_2 says “i do not know” where model\\_1 says" in summary
-    assert "different number" in summary  # found, but not borne out by the evaluation:
+    findings = summary.split("**Per category**")[0]
+    # Seen in the samples, but none of its prompts is a discovery: stated, and flagged.
+    assert "different number" in findings and "⚑ not confirmed by the evaluation" in findings
     assert "model\\_2 is wrong and model\\_1 right in 8 of 8" in summary
     # The evidence: every chemistry prompt is a discovery, no arithmetic one.
     found = re.search(r"(\d) of (\d) evaluated prompts are discoveries", summary)

@@ -113,7 +113,7 @@ def read_run(run_dir: str | Path, evaluation_dir: str | Path | None = None) -> R
     if not run_dir.is_dir():
         raise DataError(f"run_dir={str(run_dir)!r} is not a folder")
     comparison_file = run_dir / run_files.COMPARISON
-    comparison = json.loads(comparison_file.read_text()) if comparison_file.is_file() else None
+    comparison = run_files.read_json(comparison_file) if comparison_file.is_file() else None
     try:
         records = load_records(run_dir)
     except FileNotFoundError as err:
@@ -124,14 +124,14 @@ def read_run(run_dir: str | Path, evaluation_dir: str | Path | None = None) -> R
     config: dict = {}
     config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
-        config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        config = run_files.read_yaml(config_file)
     elif comparison is not None:
         config = {"name": comparison.get("name"), "model_pair": comparison.get("model_pair", {})}
     elif (run_dir / "soft_prompt" / "soft_prompting.json").is_file():
-        hparams = json.loads((run_dir / "soft_prompt" / "soft_prompting.json").read_text())
+        hparams = run_files.read_json(run_dir / "soft_prompt" / "soft_prompting.json")
         config = {"model_pair": {k: hparams.get(k) for k in ("model_1_name", "model_2_name")}}
     metrics_file = run_dir / run_files.METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics = run_files.read_json(metrics_file) if metrics_file.is_file() else {}
     return RunContents(
         run_dir=run_dir,
         records=records,

@@ -24,6 +24,8 @@ from soft_prompting.analysis.clustering import first_disagreement, normalise_spa
 if TYPE_CHECKING:
     from soft_prompting.report.build import ReportConfig, RunContents
 
+BEHAVIOUR_NAMES = {"number": "a different number", "omission": "nothing where model_1 answers"}
+"""How the summary names a behaviour that is not one phrase."""
 FOUND_SHARE = 0.5
 """A group shows a behaviour when at least this share of its records part the same way."""
 SUM = re.compile(r"(\d+)\s*(plus|\+|minus|-|times|x|\*)\s*(\d+)")
@@ -284,6 +286,11 @@ def describe_behaviour(
         },
     }
     behaviour["found"], behaviour["why_not"] = _judge(behaviour)
+    # The behaviour is seen in the samples either way; the evaluation says whether its prompts
+    # beat the baselines (None: not evaluated).
+    behaviour["confirmed"] = (
+        None if behaviour["discoveries"] is None else behaviour["discoveries"] > 0
+    )
     behaviour["sentence"] = behaviour_sentence(behaviour)
     return behaviour
 
@@ -310,8 +317,6 @@ def _judge(b: dict) -> tuple[bool, str]:
             f"no consistent difference: its most common change covers only {b['count']} of "
             f"{b['size']} records"
         )
-    if b["discoveries"] == 0:
-        return False, f"none of its {b['evaluated']} evaluated prompts is a discovery"
     return True, ""
 
 
@@ -416,8 +421,10 @@ def merged_findings(inputs: ReportInputs) -> list[dict]:
         others = [r for r, keep in zip(inputs.records, inside, strict=True) if not keep]
         merged = describe_behaviour(members, others, evaluated, min(ids))
         merged["clusters"] = ", ".join(str(i) for i in sorted(ids))
+        merged["summary_kind"] = BEHAVIOUR_NAMES.get(merged["kind"], f"“{merged['phrase']}”")
         out.append(merged)
-    return sorted(out, key=lambda b: -b["size"])
+    # Confirmed by the evaluation first, then the larger.
+    return sorted(out, key=lambda b: (b["confirmed"] is False, -b["size"]))
 
 
 # ---------------------------------------------------------------------------- the sections
@@ -509,6 +516,13 @@ def summary(inputs: ReportInputs) -> dict:
         for b in found_groups
         if not b["found"]
     ]
+    not_found += [
+        f"Cluster{'s' if ',' in b['clusters'] else ''} {b['clusters']} ({b['size']} records, "
+        f"{b['summary_kind']}): none of its {b['evaluated']} evaluated prompts is a discovery, so "
+        "the evaluation does not confirm that these prompts beat its baselines."
+        for b in found
+        if b["confirmed"] is False
+    ]
     categories = []
     views = {v["label"]: v for v in evaluations(inputs)}
     evaluated = evaluated_records(inputs)
@@ -535,8 +549,7 @@ def summary(inputs: ReportInputs) -> dict:
             parts.append("not evaluated")
         said = Counter()
         for b in in_category:
-            what = {"number": "a different number", "omission": "nothing where model_1 answers"}
-            said[what.get(b["kind"], f"“{b['phrase']}”")] += b["categories"][name]
+            said[BEHAVIOUR_NAMES.get(b["kind"], f"“{b['phrase']}”")] += b["categories"][name]
         shown = [f"model_2 says {what} in {k}" for what, k in said.most_common()]
         line = {
             "name": name,
