@@ -83,12 +83,30 @@ def test_models_are_freed_between_jobs(comparison_dir):
     assert all(job["models_alive_after_cleanup"] == 0 for job in jobs)
 
 
-def test_a_missing_evaluate_stage_is_skipped_with_a_note(comparison_dir):
-    jobs = json.loads((comparison_dir / "comparison.json").read_text())["jobs"]
-    for job in jobs:
-        assert job["evaluation"]["status"] in {"skipped", "done", "failed", "reused"}
-        if job["evaluation"]["status"] != "done":
-            assert job["evaluation"]["note"]
+def test_the_installed_evaluate_stage_ran_for_every_category(comparison_dir):
+    comparison = json.loads((comparison_dir / "comparison.json").read_text())
+    assert [job["evaluation"]["status"] for job in comparison["jobs"]] == ["done", "done"]
+    for name in ("animals", "persona"):
+        assert comparison["categories"][name]["evaluation"] is not None, name
+
+
+def test_a_missing_evaluate_stage_is_skipped_with_a_note(comparison_dir, tiny_pair_dirs, tmp_path):
+    import dataclasses
+
+    import soft_prompting.compare as compare_module
+
+    job_dir = tmp_path / "animals"
+    shutil.copytree(comparison_dir / "animals", job_dir)
+    shutil.rmtree(job_dir / "evaluation", ignore_errors=True)  # the real evaluate ran there
+    config = CompareConfig(model_pair=pair_config(tiny_pair_dirs), bootstrap_samples=200)
+    missing = "soft_prompting.no_such_stage"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare_module, "EVALUATE_MODULE", missing)
+        result = compare_module.run_evaluation(config, "animals", job_dir)
+    assert result["status"] == "skipped" and missing in result["note"], result
+    assert compare_module.find_evaluation_summary(job_dir) is None
+    off = compare_module.run_evaluation(dataclasses.replace(config, evaluate=False), "a", job_dir)
+    assert off == {"status": "skipped", "note": "evaluate=false"}
 
 
 FAKE_EVALUATE = """
