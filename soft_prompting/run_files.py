@@ -178,6 +178,37 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+def read_json(path: str | Path):
+    """A run-directory JSON file; a :class:`~soft_prompting.errors.DataError` naming it otherwise."""
+    from soft_prompting.errors import DataError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(
+            f"{path}{where} is not valid JSON ({err}): a run stopped while writing it or it was "
+            "edited; delete it and rerun the stage that writes it"
+        ) from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A run-directory YAML file (``.hydra/config.yaml``) as plain containers, or a DataError."""
+    from omegaconf import OmegaConf
+
+    from soft_prompting.errors import DataError
+
+    path = Path(path)
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # yaml and OmegaConf raise many kinds
+        first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise DataError(f"{path} is not a valid YAML config ({first}): fix or delete it") from None
+
+
 def write_torch(target: str | Path, payload) -> Path:
     """Atomically ``torch.save`` plain Python data (loadable with ``weights_only=True``)."""
     with atomic_path(target) as tmp:
@@ -199,10 +230,10 @@ def read_records(path: str | Path) -> list[dict]:
     if path.suffix == ".pt":
         try:
             records = torch.load(path, weights_only=True)
-        except Exception as err:
+        except Exception as err:  # torch's own message would advise weights_only=False
             raise DataError(
-                f"{path} is not a plain-data .pt file (refusing to unpickle anything else: "
-                f"{str(err).splitlines()[0][:160]}); regenerate it with this project"
+                f"{path} is not a plain-data .pt file ({type(err).__name__}: it holds something "
+                "other than plain data, and nothing in it was run): regenerate it with this project"
             ) from err
     else:
         records = read_jsonl(path)

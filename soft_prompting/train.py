@@ -34,6 +34,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
     signal (SIGTERM, SIGINT, SLURM's SIGUSR1) saves ``last.ckpt`` and exits non-zero.
     """
     with pipeline.claimed_run_dir(run_dir, config), pipeline.Preemption(run_dir) as preemption:
+        pipeline.check_data(config)
         checkpoint, state = pipeline.resume_checkpoint(config, run_dir)
         pl.seed_everything(config.seed, workers=True)
         module = DivergenceModule(**pipeline.module_args(config))

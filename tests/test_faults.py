@@ -36,6 +36,7 @@ from soft_prompting.errors import (
     DivergenceError,
     ModelLoadError,
     RunDirError,
+    SoftPromptingError,
 )
 from soft_prompting.pair.loading import ModelPairManager
 from soft_prompting.training.module import DivergenceModule
@@ -246,8 +247,13 @@ def test_full_disk_keeps_the_soft_prompt_written_before(tmp_path, tiny_pair_dirs
     assert after == before, "a failed write damaged the soft prompt written before"
 
 
-def test_full_disk_keeps_the_last_checkpoint(tmp_path, finished_run, monkeypatch):
-    from soft_prompting.training.pipeline import AtomicCheckpointIO
+def test_full_disk_keeps_the_last_checkpoint(
+    tmp_path, finished_run, tiny_pair_dirs, text_dir, monkeypatch
+):
+    from soft_prompting.training.pipeline import AtomicCheckpointIO, build_trainer
+
+    trainer = build_trainer(tiny_config(tiny_pair_dirs, text_dir), tmp_path / "run")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
     target = tmp_path / "last.ckpt"
     target.write_bytes((finished_run / run_files.LAST_CHECKPOINT).read_bytes())
@@ -584,7 +590,9 @@ SIGNAL_ARGS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name
+)
 def test_preemption_saves_a_checkpoint_and_exits_non_zero(
     tmp_path, tiny_pair_dirs, text_dir, signum
 ):
@@ -621,3 +629,73 @@ def test_preemption_saves_a_checkpoint_and_exits_non_zero(
     assert signal.Signals(signum).name in err and "ckpt_path=last" in err
     state = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
     assert state["global_step"] >= 2
+
+
+# ---------------------------------------------------------------- more run-directory files
+def report_exit(run_dir: Path, capsys) -> str:
+    from soft_prompting.report.build import main
+
+    with pytest.raises(SystemExit) as caught:
+        main([f"run_dir={run_dir}"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def dataset_run(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = {"prompt": "a", "metrics": {"kl_divergence": 1.0}}
+    run_files.write_jsonl(run_dir / run_files.DATASET_JSONL, [record])
+    return run_dir
+
+
+def test_corrupt_metrics_json_is_one_line_in_report(tmp_path, capsys):
+    run_dir = dataset_run(tmp_path)
+    (run_dir / run_files.METRICS).write_text('{"val/divergence": 0.')
+    assert "metrics.json:1 is not valid JSON" in report_exit(run_dir, capsys)
+
+
+def test_corrupt_hydra_config_is_one_line_in_report(tmp_path, capsys):
+    run_dir = dataset_run(tmp_path)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: [unclosed\n")
+    assert "config.yaml is not a valid YAML config" in report_exit(run_dir, capsys)
+
+
+def test_planted_pickle_dataset_message_does_not_advise_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / run_files.DATASET_PT
+    path.write_bytes(pickle.dumps([{"prompt": Exploit(marker)}]))
+    with pytest.raises(DataError) as caught:
+        run_files.read_records(path)
+    assert "weights_only" not in str(caught.value) and not marker.exists()
+
+
+def test_load_from_checkpoint_of_garbage_is_one_clear_error(tmp_path):
+    garbage = tmp_path / "last.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelLoadError, match="last.ckpt") as caught:
+        DivergenceModule.load_from_checkpoint(garbage)
+    assert "weights_only" not in str(caught.value)
+
+
+def test_resume_with_another_prompt_length_fails_before_loading(
+    tmp_path, tiny_pair_dirs, text_dir, finished_run, no_pair_loading
+):
+    config = tiny_config(
+        tiny_pair_dirs,
+        text_dir,
+        training__num_soft_prompt_tokens=5,
+        ckpt_path=str(finished_run / run_files.LAST_CHECKPOINT),
+    )
+    with pytest.raises(SoftPromptingError, match="training.num_soft_prompt_tokens=2"):
+        train_in_process(config, tmp_path / "run")
+
+
+def test_text_dir_that_is_a_file_fails_before_loading(tmp_path, tiny_pair_dirs, no_pair_loading):
+    not_a_folder = tmp_path / "texts.txt"
+    not_a_folder.write_text("a\nb\n")
+    with pytest.raises(DataError, match="not a folder"):
+        train_in_process(tiny_config(tiny_pair_dirs, not_a_folder), tmp_path / "run")

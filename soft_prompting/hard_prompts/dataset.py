@@ -5,16 +5,22 @@ loadable with ``torch.load(path, weights_only=True)``).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import json
+import logging
 import os
 import random
 from pathlib import Path
 
 from soft_prompting import run_files
+from soft_prompting.errors import ConfigError, DataError
 from soft_prompting.hard_prompts.sampling import SamplingSettings, score_prompts
 from soft_prompting.pair.loading import ModelPair
 from soft_prompting.run_files import read_jsonl, write_jsonl, write_torch
+
+log = logging.getLogger(__name__)
 
 
 def balanced_prompts(
@@ -64,6 +70,13 @@ def score_candidates(
     where it stopped. Batches are fixed over the whole candidate list and seeded by their offset,
     so a resumed run gives the records an uninterrupted one would.
     """
+    for number, row in enumerate(candidates, 1):
+        if not str(row.get("prompt", "")).strip():
+            raise DataError(
+                f"candidate {number} (source {row.get('source', '?')!r}) is an empty prompt: "
+                "both models would continue nothing; drop it or give it some text"
+            )
+    candidates = fit_prompts_to_context(pair, candidates, settings.max_length)
     done: dict[tuple, dict] = {}
     if partial_path is not None and Path(partial_path).is_file():
         for record in read_jsonl(partial_path):
@@ -111,6 +124,109 @@ def score_candidates(
     return [done[_key(row)] for row in candidates if _key(row) in done]
 
 
+def context_length(pair: ModelPair) -> int | None:
+    """Tokens the models attend to (None: unknown)."""
+    return getattr(pair.model_1.config, "max_position_embeddings", None)
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens (unchanged when it fits)."""
+    if len(text) <= max_tokens:  # a token covers at least one character
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+
+
+def truncate_texts(
+    tokenizer, texts_by_category: dict[str, list[str]], max_tokens: int
+) -> dict[str, list[str]]:
+    """Every text cut to ``max_tokens`` tokens, as training cut them (one warning if any was)."""
+    cut = {
+        c: [truncate_text(tokenizer, t, max_tokens) for t in ts]
+        for c, ts in texts_by_category.items()
+    }
+    changed = sum(a != b for c in cut for a, b in zip(cut[c], texts_by_category[c], strict=True))
+    if changed:
+        log.warning(
+            "%d texts are longer than %d tokens and were cut for the hard-prompt strategies "
+            "(data.max_length, capped by the models' context)",
+            changed,
+            max_tokens,
+        )
+    return cut
+
+
+def fit_prompts_to_context(pair: ModelPair, rows: list[dict], new_tokens: int) -> list[dict]:
+    """Prompts cut so that prompt + ``new_tokens`` continuation fit in the models' context."""
+    context = context_length(pair)
+    if context is None:
+        return rows
+    room = context - new_tokens - 1
+    if room < 1:
+        raise ConfigError(
+            f"generation.max_length={new_tokens} leaves no room for a prompt in the models' "
+            f"context of {context} tokens: lower generation.max_length"
+        )
+    fitted = [row | {"prompt": truncate_text(pair.tokenizer, row["prompt"], room)} for row in rows]
+    changed = sum(a["prompt"] != b["prompt"] for a, b in zip(fitted, rows, strict=True))
+    if changed:
+        log.warning(
+            "%d prompts are longer than the %d tokens the models' context leaves after a "
+            "%d-token continuation; they were cut (the records hold the cut prompts)",
+            changed,
+            room,
+            new_tokens,
+        )
+    return fitted
+
+
+def dataset_fingerprint(
+    module,
+    texts_by_category: dict[str, list[str]],
+    strategies: list,
+    settings: SamplingSettings,
+    provenance: dict,
+    num_prompts: int,
+    seed: int,
+    candidates: list[dict] | None,
+) -> str:
+    """A digest of everything the divergent dataset depends on: the pair (ids and revisions), the
+    trained prompt, the strategies, the texts or given candidates, the sampling and the seed."""
+    hp = module.hparams
+    described = {
+        "pair": [hp.get(k) for k in ("model_1_name", "model_2_name", "revision_1", "revision_2")],
+        "strategies": [[type(s).__qualname__, vars(s)] for s in strategies],
+        "settings": dataclasses.asdict(settings),
+        "provenance": provenance,
+        "num_prompts": num_prompts,
+        "seed": seed,
+        "texts": texts_by_category,
+        "candidates": candidates,
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    digest.update(module.soft_prompt.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _claim_partials(run_dir: Path, fingerprint: str, overwrite: bool) -> None:
+    """Keep the partial files only if a killed run of these very settings left them."""
+    partials = [
+        run_dir / run_files.CANDIDATES,
+        run_dir / run_files.partial(run_files.DATASET_JSONL),
+    ]
+    stamp = run_dir / run_files.DATASET_FINGERPRINT
+    found = [p for p in partials if p.is_file()]
+    saved = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
+    if found and (overwrite or saved != fingerprint):
+        why = "overwrite=true" if overwrite else "they come from other settings or another prompt"
+        print(f"discarding {', '.join(p.name for p in found)} of an earlier run ({why})")
+        for path in found:
+            path.unlink()
+    run_files.write_json(stamp, {"fingerprint": fingerprint})
+
+
 def generate_divergent_dataset(
     module,
     texts_by_category: dict[str, list[str]],
@@ -121,6 +237,8 @@ def generate_divergent_dataset(
     num_prompts: int,
     seed: int = 0,
     candidates: list[dict] | None = None,
+    max_text_tokens: int | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Propose candidates with ``strategies``, score them without soft prompt, write the dataset.
 
@@ -140,10 +258,23 @@ def generate_divergent_dataset(
         num_prompts: candidates scored at most.
         seed: proposal and sampling seed.
         candidates: ``{"category", "prompt", "source"}`` rows to score instead of proposing.
+        max_text_tokens: cut the texts to this many tokens before the strategies see them (what
+            training used; None: the models' context).
+        overwrite: discard the partial files of an earlier run even if they match.
+
+    The partial files are reused only when ``divergent_dataset.fingerprint.json`` says they were
+    made from the same pair, prompt, texts and settings (:func:`dataset_fingerprint`).
     """
     from soft_prompting.hard_prompts.strategies import propose_candidates
 
     run_dir = Path(run_dir)
+    limit = max_text_tokens or context_length(module.pair)
+    if limit is not None:
+        texts_by_category = truncate_texts(module.tokenizer, texts_by_category, limit)
+    fingerprint = dataset_fingerprint(
+        module, texts_by_category, strategies, settings, provenance, num_prompts, seed, candidates
+    )
+    _claim_partials(run_dir, fingerprint, overwrite)
     candidates_path = run_dir / run_files.CANDIDATES
     if candidates is None and candidates_path.is_file():
         candidates = read_jsonl(candidates_path)
@@ -169,6 +300,7 @@ def generate_divergent_dataset(
     # Finished: a later call proposes afresh (e.g. after more training) instead of resuming.
     (run_dir / run_files.partial(run_files.DATASET_JSONL)).unlink(missing_ok=True)
     candidates_path.unlink(missing_ok=True)
+    (run_dir / run_files.DATASET_FINGERPRINT).unlink(missing_ok=True)
     return records
 
 

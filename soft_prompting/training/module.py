@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from safetensors.torch import save_file
 
+from soft_prompting import run_files
 from soft_prompting.errors import DivergenceError, ModelLoadError
 from soft_prompting.maths.chunked_head import chunked_head_divergence
 from soft_prompting.maths.divergence import get_divergence, masked_mean
@@ -149,7 +153,16 @@ class DivergenceModule(pl.LightningModule):
         context = getattr(self.pair.model_1.config, "max_position_embeddings", None)
         return None if context is None else context - self.hparams.num_soft_prompt_tokens
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's loader, after :func:`~soft_prompting.run_files.read_checkpoint` has checked
+        the file (one clear error, never an unpickled object)."""
+        run_files.read_checkpoint(checkpoint_path)
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_same_pair(checkpoint.get("hyper_parameters") or {}, self.hparams, "the checkpoint")
         saved = checkpoint.get("state_dict", {}).get("soft_prompt")
         if saved is not None and saved.shape != self.soft_prompt.shape:
             raise ModelLoadError(
@@ -373,10 +386,18 @@ class DivergenceModule(pl.LightningModule):
             raise DivergenceError(
                 f"the divergence became {logged.item()} at training batch {batch_idx}: lower "
                 "training.learning_rate, use model_pair.torch_dtype=float32, or keep "
-                "training.norm_constraint=true; the last good checkpoint is kept"
+                f"training.norm_constraint=true; {self._last_checkpoint_note()}"
             )
         self.log("train/divergence", logged, prog_bar=True, batch_size=len(batch["input_ids"]))
         return -divergence * scale
+
+    def _last_checkpoint_note(self) -> str:
+        """Where the last good prompt is, or that there is none (never promise a missing file)."""
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if last and Path(last).is_file():
+            return f"{last} holds the last good prompt (resume with ckpt_path=last)"
+        return "no checkpoint was written before it (training.checkpoint_every_n_steps: how often)"
 
     def _data_parallel_scale(
         self, divergence: torch.Tensor, attention_mask: torch.Tensor
@@ -477,13 +498,54 @@ class DivergenceModule(pl.LightningModule):
             num_layers=getattr(model_config, "num_hidden_layers", None),
             base_model_name_or_path=self.hparams.model_1_name,
         )
-        config.save_pretrained(str(directory))
         weights = self.soft_prompt.detach().float().cpu().contiguous()
-        save_file({"prompt_embeddings": weights}, str(directory / "adapter_model.safetensors"))
-        (directory / "soft_prompting.json").write_text(
-            json.dumps({k: v for k, v in self.hparams.items()}, indent=2, default=str)
-        )
+        hparams = json.dumps({k: v for k, v in self.hparams.items()}, indent=2, default=str)
+        # Every file goes to a temporary name first: a full disk never leaves a half-written
+        # adapter, and the adapter written before stays whole.
+        with (
+            run_files.atomic_path(directory / "adapter_config.json") as target,
+            tempfile.TemporaryDirectory(dir=directory, prefix=".adapter.") as staging,
+        ):
+            config.save_pretrained(staging)
+            shutil.copyfile(Path(staging) / "adapter_config.json", target)
+        with run_files.atomic_path(directory / "adapter_model.safetensors") as target:
+            save_file({"prompt_embeddings": weights}, str(target))
+        run_files.write_text(directory / "soft_prompting.json", hparams)
         return directory
+
+
+PAIR_KEYS = ("model_1_name", "model_2_name", "revision_1", "revision_2")
+"""What makes a soft prompt belong to one pair: a prompt is meaningless for any other."""
+
+
+def check_same_pair(saved: Mapping, current: Mapping, source: str) -> None:
+    """Refuse a checkpoint whose saved pair differs from this run's, naming the override.
+
+    Args:
+        saved: the checkpoint's hyperparameters.
+        current: this run's (the module's hparams or the train config's module arguments).
+        source: how the message names the checkpoint.
+    """
+    differing = [
+        key
+        for key in PAIR_KEYS
+        if key in saved and not _same_model(saved.get(key), current.get(key))
+    ]
+    if differing:
+        was = " ".join(f"model_pair.{key}={saved.get(key)}" for key in differing)
+        now = ", ".join(f"{key}={current.get(key)!r}" for key in differing)
+        raise ModelLoadError(
+            f"{source} was trained on another model pair ({now} in this run): resume with {was}, "
+            "or drop ckpt_path to start fresh"
+        )
+
+
+def _same_model(a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return False
 
 
 def _has_plain_head(model: torch.nn.Module) -> bool:

@@ -8,21 +8,26 @@ Nothing here decides *what* to run; the recipes (``soft_prompting.train``,
 from __future__ import annotations
 
 import logging
+import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 
 from soft_prompting import run_files
 from soft_prompting.config import TrainConfig, plain
 from soft_prompting.data.datamodule import CategoryTextDataModule
-from soft_prompting.errors import ConfigError, RunDirError
+from soft_prompting.errors import ConfigError, Interrupted, RunDirError
 from soft_prompting.hard_prompts.dataset import generate_divergent_dataset
 from soft_prompting.hard_prompts.sampling import SamplingSettings
 from soft_prompting.hard_prompts.strategies import build_strategies
 from soft_prompting.tracking import build_loggers
-from soft_prompting.training.module import DivergenceModule
+from soft_prompting.training.module import DivergenceModule, check_same_pair
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +65,19 @@ def build_datamodule(module: DivergenceModule, config: TrainConfig) -> CategoryT
     )
 
 
-def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer:
+def build_trainer(
+    config: TrainConfig,
+    run_dir: Path,
+    resume_step: int | None = None,
+    preemption: Preemption | None = None,
+    **overrides,
+) -> pl.Trainer:
     """The Lightning trainer of ``config.training``, logging and checkpointing into ``run_dir``.
 
-    ``overrides`` replace any ``pl.Trainer`` argument (the Python API uses this for its own data).
+    Args:
+        resume_step: the step of the checkpoint the fit resumes (the curve before it is kept).
+        preemption: saves a checkpoint when a signal stops the fit (see :class:`Preemption`).
+        overrides: replace any ``pl.Trainer`` argument (the Python API uses this for its data).
     """
     arguments = dict(
         max_epochs=config.training.num_epochs,
@@ -84,14 +98,17 @@ def build_trainer(config: TrainConfig, run_dir: Path, **overrides) -> pl.Trainer
             run_dir,
             config.name,
             OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True),
+            resume_step,
         ),
         callbacks=[
             ModelCheckpoint(
                 dirpath=run_dir / run_files.CHECKPOINTS,
                 save_last=True,
                 every_n_train_steps=config.training.checkpoint_every_n_steps,
-            )
+            ),
+            *([preemption] if preemption is not None else []),
         ],
+        plugins=[AtomicCheckpointIO()],
     )
     arguments |= overrides
     arguments["strategy"] = resolve_strategy(arguments["strategy"])
@@ -152,6 +169,149 @@ def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
         )
 
 
+@contextmanager
+def claimed_run_dir(run_dir: Path, config: TrainConfig):
+    """Hold the run directory's lock (one run per folder) and check it may be written.
+
+    Only the first process of a data-parallel run takes the lock: the other ranks share it.
+    """
+    if not _first_process():
+        yield
+        return
+    with run_files.run_dir_lock(run_dir):
+        check_run_dir(run_dir, config)
+        yield
+
+
+def _first_process() -> bool:
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") in ("", "0") for name in ranks)
+
+
+def check_data(config: TrainConfig) -> None:
+    """The data source exists and offers the categories asked for: checked before any model
+    loads (the texts themselves are read once the tokenizer is there)."""
+    from soft_prompting.data.datamodule import available_categories
+
+    known = available_categories(config.data.text_dir, config.data.hf_dataset)
+    unknown = [c for c in config.data.categories or [] if known is not None and c not in known]
+    if unknown:
+        raise ConfigError(
+            f"data.categories={unknown} not found (available: {known}): fix data.categories or "
+            "data.text_dir"
+        )
+
+
+def resume_checkpoint(config: TrainConfig, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint ``ckpt_path`` names, read safely and checked against this run's pair and
+    prompt length before any model is loaded; ``(None, None)`` for a fresh run.
+
+    ``ckpt_path=last`` with no checkpoint yet starts fresh (a job script may always pass it).
+    """
+    if config.ckpt_path is None:
+        return None, None
+    path = Path(config.ckpt_path)
+    if config.ckpt_path == "last":
+        path = run_dir / run_files.LAST_CHECKPOINT
+        if not path.is_file():
+            print(f"ckpt_path=last: {path} does not exist yet, so training starts fresh")
+            return None, None
+    state = run_files.read_checkpoint(path)
+    check_same_pair(state.get("hyper_parameters") or {}, module_args(config), f"checkpoint {path}")
+    saved_tokens = state["state_dict"]["soft_prompt"].shape[0]
+    if saved_tokens != config.training.num_soft_prompt_tokens:
+        raise RunDirError(
+            f"checkpoint {path} holds a soft prompt of {saved_tokens} virtual tokens: resume with "
+            f"training.num_soft_prompt_tokens={saved_tokens}, or drop ckpt_path to start fresh"
+        )
+    return path, state
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed (a full disk or a kill never leaves a
+    truncated ``.ckpt``), and read back with ``weights_only=True`` (nothing is unpickled)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with run_files.atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return run_files.read_checkpoint(path)
+
+
+class Preemption(Callback):
+    """SIGTERM, SIGINT and SLURM's SIGUSR1 stop a run with a checkpoint and a non-zero exit.
+
+    Used as a context around the whole run: during the fit a signal is noted and acted on at the
+    end of the current batch (``last.ckpt`` saved, then :class:`Interrupted`); outside the fit it
+    raises :class:`Interrupted` at once (every file is written atomically or appended, so nothing
+    is torn). Lightning's own SIGTERM handling would exit with status 0, which schedulers read as
+    success.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.received: signal.Signals | None = None
+        self._fitting = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> Preemption:
+        self._install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _install(self) -> None:
+        if not _main_thread():
+            return
+        for signum in self.SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum)
+        if not self._fitting:
+            raise Interrupted(
+                f"stopped by {self.received.name}; run the same command with ckpt_path=last to "
+                "resume (the checkpoint and the partial dataset are kept)"
+            )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning installs its SIGTERM handler when the fit starts: take the signals back.
+        self._fitting = True
+        self._install()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._fitting = False
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._fitting = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if not stop:
+            return
+        path = self.run_dir / run_files.LAST_CHECKPOINT
+        trainer.save_checkpoint(path)
+        name = self.received.name if self.received is not None else "a signal on another rank"
+        self._fitting = False
+        raise Interrupted(
+            f"stopped by {name} at step {trainer.global_step}: {path} saved; run the same "
+            "command with ckpt_path=last to resume"
+        )
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def save_last_checkpoint(trainer: pl.Trainer, run_dir: Path) -> None:
     """``last.ckpt`` must be the finished prompt: step-based checkpoints can miss the final steps."""
     trainer.save_checkpoint(run_dir / run_files.LAST_CHECKPOINT)
@@ -202,6 +362,8 @@ def write_dataset(
         num_prompts or gen.num_prompts,
         config.seed,
         candidates=candidates,
+        max_text_tokens=fit_to_context(config.data.max_length, module.max_text_length),
+        overwrite=config.overwrite,
     )
 
 
