@@ -71,6 +71,7 @@ class DeviceMap(Choice):
 DEFAULT_STRATEGIES = (
     {"_target_": "soft_prompting.hard_prompts.strategies.CategoryTextRanking"},
     {"_target_": "soft_prompting.hard_prompts.strategies.SoftPromptExploration"},
+    {"_target_": "soft_prompting.hard_prompts.strategies.ContrastiveExploration"},
     {"_target_": "soft_prompting.hard_prompts.strategies.ProjectionSearch"},
 )
 """Where candidate hard prompts come from; their candidates are merged, near-duplicates dropped,
@@ -306,6 +307,10 @@ class GenerationConfig:
     """Prompts generated in one batch."""
     strategies: list[Any] = field(default_factory=lambda: [dict(s) for s in DEFAULT_STRATEGIES])
     """Hard-prompt strategies: ``{_target_: ..., arg: value}`` dicts (soft_prompting/hard_prompts/strategies.py)."""
+    max_prompt_nll_ratio: float | None = 1.5
+    """Keep proposed prompts whose model_1 NLL/token is at most this multiple of the texts' median (null: no cap)."""
+    localise_top: int = 20
+    """Top records (by divergence) that get a ``trigger`` and per-word ``attributions`` (0: none)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -329,6 +334,16 @@ class GenerationConfig:
         )
         _require(self.num_prompts >= 1, f"generation.num_prompts={self.num_prompts}: must be >= 1")
         _require(self.batch_size >= 1, f"generation.batch_size={self.batch_size}: must be >= 1")
+        _require(
+            self.max_prompt_nll_ratio is None
+            or (self.max_prompt_nll_ratio > 0 and _finite(self.max_prompt_nll_ratio)),
+            f"generation.max_prompt_nll_ratio={self.max_prompt_nll_ratio}: must be a finite "
+            "number > 0 (e.g. 1.5), or null for no fluency cap",
+        )
+        _require(
+            self.localise_top >= 0,
+            f"generation.localise_top={self.localise_top}: must be >= 0 (0: no localisation)",
+        )
 
 
 @dataclass

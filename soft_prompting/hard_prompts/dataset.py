@@ -239,6 +239,8 @@ def generate_divergent_dataset(
     candidates: list[dict] | None = None,
     max_text_tokens: int | None = None,
     overwrite: bool = False,
+    max_prompt_nll_ratio: float | None = None,
+    localise_top: int = 20,
 ) -> list[dict]:
     """Propose candidates with ``strategies``, score them without soft prompt, write the dataset.
 
@@ -261,6 +263,11 @@ def generate_divergent_dataset(
         max_text_tokens: cut the texts to this many tokens before the strategies see them (what
             training used; None: the models' context).
         overwrite: discard the partial files of an earlier run even if they match.
+        max_prompt_nll_ratio: keep only proposed prompts whose model_1 NLL per token is at most
+            this multiple of the texts' median (None: no cap; every record still gets
+            ``prompt_nll`` and ``reference_nll``).
+        localise_top: the first records (by divergence) that get ``trigger`` and per-word
+            ``attributions`` (:mod:`soft_prompting.hard_prompts.triggers`).
 
     The partial files are reused only when ``divergent_dataset.fingerprint.json`` says they were
     made from the same pair, prompt, texts and settings (:func:`dataset_fingerprint`).
@@ -274,15 +281,26 @@ def generate_divergent_dataset(
     fingerprint = dataset_fingerprint(
         module, texts_by_category, strategies, settings, provenance, num_prompts, seed, candidates
     )
+    if max_prompt_nll_ratio is not None:  # a capped proposal is another candidate list
+        fingerprint += f":nll<={max_prompt_nll_ratio}"
     _claim_partials(run_dir, fingerprint, overwrite)
     candidates_path = run_dir / run_files.CANDIDATES
     if candidates is None and candidates_path.is_file():
         candidates = read_jsonl(candidates_path)
         print(f"resuming with the {len(candidates)} candidates of {candidates_path}")
     if candidates is None:
-        proposed = propose_candidates(strategies, module, texts_by_category, num_prompts, seed)
+        proposed = propose_candidates(
+            strategies, module, texts_by_category, num_prompts, seed, max_prompt_nll_ratio
+        )
         candidates = [
-            {"category": c.category, "prompt": c.prompt, "source": c.source, "pre_score": c.score}
+            {
+                "category": c.category,
+                "prompt": c.prompt,
+                "source": c.source,
+                "pre_score": c.score,
+                "prompt_nll": c.prompt_nll,
+                "reference_nll": c.reference_nll,
+            }
             for c in proposed
         ]
     candidates = candidates[:num_prompts]
@@ -296,6 +314,10 @@ def generate_divergent_dataset(
         seed,
     )
     records = sort_by_divergence(records)
+    if localise_top:
+        from soft_prompting.hard_prompts.triggers import localise_records
+
+        records = localise_records(module, records, localise_top)
     write_divergent_dataset(records, run_dir)
     # Finished: a later call proposes afresh (e.g. after more training) instead of resuming.
     (run_dir / run_files.partial(run_files.DATASET_JSONL)).unlink(missing_ok=True)

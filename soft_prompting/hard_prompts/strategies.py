@@ -7,18 +7,24 @@ merged by :func:`propose_candidates`. None of them scores its prompts for the da
 
 Strategies:
     CategoryTextRanking: the user's own texts, ranked by the pair's divergence on them (baseline).
-    SoftPromptExploration: model_1 continues short category seeds with the trained soft prompt
-        prepended; the sampled texts are the candidates (finds behaviours the texts never mention).
+    SoftPromptExploration: model_1 and model_2 continue short category seeds with the trained
+        soft prompt prepended; the sampled texts are the candidates (finds behaviours the texts
+        never mention, including ones only model_2 writes, such as a backdoor's trigger).
+    ContrastiveExploration: the same seeds continued from amplified logit differences,
+        ``logits_b + alpha * (logits_b - logits_a)``, in both directions (no soft prompt).
     ProjectionSearch: the soft prompt projected onto the nearest real tokens (PEZ), refined by a
         GCG-style coordinate search on ``-divergence + fluency_weight * model_1 NLL``.
 
 Every strategy's texts are cut where the pair's per-token divergence (measured without the soft
 prompt) peaks, so a prompt ends where the two models part ways: a prompt that already contains the
-disagreeing answer exposes nothing.
+disagreeing answer exposes nothing. The final selection (:func:`propose_candidates`) measures each
+prompt's fluency, model_1's per-token NLL without soft prompt, and with
+``max_prompt_nll_ratio`` keeps only prompts within that multiple of the category texts' median.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -41,6 +47,10 @@ class Candidate:
     """The strategy that proposed it."""
     score: float = 0.0
     """The pair's divergence at the prompt's last position (a cheap pre-score, no soft prompt)."""
+    prompt_nll: float | None = None
+    """model_1's mean per-token NLL of the prompt, no soft prompt (set by the final selection)."""
+    reference_nll: float | None = None
+    """The category texts' median per-token NLL under model_1, no soft prompt (the yardstick)."""
 
 
 # ---------------------------------------------------------------------------- shared measurements
@@ -74,9 +84,18 @@ def per_token_divergence(
 
 
 def cut_at_divergence_peak(
-    module, texts: list[str], min_prompt_tokens: int = 2, batch_size: int = 8
+    module,
+    texts: list[str],
+    min_prompt_tokens: int = 2,
+    batch_size: int = 8,
+    first_within: float = 1.0,
 ) -> list[tuple[str, float]]:
     """Each text cut right after the token where the pair's next-token divergence peaks.
+
+    With ``first_within < 1`` the cut comes at the *first* position whose divergence reaches that
+    share of the peak: where the pair first parts ways, before a sampled text goes on to write
+    the disagreeing answer itself (the later, higher peaks inside that answer make long,
+    disfluent prompts that already hold what they should reveal).
 
     Returns:
         Per text ``(prompt, peak divergence)``; the prompt keeps at least ``min_prompt_tokens``
@@ -95,18 +114,27 @@ def cut_at_divergence_peak(
             continue
         masked = torch.where(allowed, values, torch.full_like(values, -float("inf")))
         peak = int(masked.argmax())
+        if first_within < 1.0:
+            peak = int((masked >= first_within * masked[peak]).nonzero()[0])
         prompt = tokenizer.decode(ids[: peak + 1], skip_special_tokens=True).strip()
         cut.append((prompt, float(values[peak])))
     return cut
 
 
 def _cut_candidates(
-    module, items: list[tuple[str, str]], source: str, cut: bool, min_prompt_tokens: int
+    module,
+    items: list[tuple[str, str]],
+    source: str,
+    cut: bool,
+    min_prompt_tokens: int,
+    first_within: float = 1.0,
 ) -> list[Candidate]:
     """``(category, text)`` items → candidates, cut at their divergence peak (or whole)."""
     texts = [text for _, text in items]
     if cut:
-        measured = cut_at_divergence_peak(module, texts, min_prompt_tokens)
+        measured = cut_at_divergence_peak(
+            module, texts, min_prompt_tokens, first_within=first_within
+        )
     else:
         measured = [
             (t, float(v[-1]))
@@ -142,7 +170,7 @@ class CategoryTextRanking:
     """
 
     texts_per_category: int = 64
-    num_candidates: int = 32
+    num_candidates: int = 128
     cut_at_peak: bool = True
     min_prompt_tokens: int = 2
     source: str = "category_text"
@@ -156,30 +184,111 @@ class CategoryTextRanking:
 
 
 # ---------------------------------------------------------------------------- (a) exploration
+SIDES = ("model_1", "model_2")
+
+
+@torch.no_grad()
+def sample_continuations(
+    module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    side: str = "model_1",
+    alpha: float = 0.0,
+    use_prompt: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continuations sampled from one side of the pair, optionally with its difference amplified.
+
+    Each step samples from ``logits_b + alpha * (logits_b - logits_a)`` (``b = side``, ``a`` the
+    other model; logit-difference amplification): ``alpha=0`` is plain sampling from ``side``, a
+    positive ``alpha`` favours what ``b`` says and ``a`` does not (rare behaviours surface in far
+    fewer samples).
+
+    Args:
+        input_ids: ``[B, L]`` left-padded seeds.
+        attention_mask: ``[B, L]``.
+        max_new_tokens: tokens sampled per row (after an end-of-sequence token: more tokens, cut
+            when decoding).
+        temperature: 0 is greedy.
+        side: ``"model_1"`` or ``"model_2"``.
+        alpha: amplification of ``side``'s logit difference (0: none).
+        use_prompt: prepend the trained soft prompt to both models.
+        generator: random stream of the draws (a fresh one seeded 0 when None).
+
+    Returns:
+        ``[B, max_new_tokens]`` token ids below the real vocabulary size.
+    """
+    if side not in SIDES:
+        from soft_prompting.errors import ConfigError
+
+        raise ConfigError(f"exploration side {side!r}: use one of {', '.join(SIDES)}")
+    module._sync_pair_device()
+    pair = module.pair
+    model_b = pair.model_2 if side == "model_2" else pair.model_1
+    model_a = pair.model_1 if side == "model_2" else pair.model_2
+    prompt = module.soft_prompt.detach() if use_prompt else None
+    device = input_ids.device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+
+    def last_logits(model, ids, mask):
+        inputs = module._model_inputs(model, ids, mask, prompt)
+        return model(**inputs, logits_to_keep=1).logits[:, -1, : pair.vocab_size].float()
+
+    ids, mask, new = input_ids, attention_mask, []
+    for _ in range(max_new_tokens):
+        logits = last_logits(model_b, ids, mask)
+        if alpha:
+            logits = logits + alpha * (logits - last_logits(model_a, ids, mask))
+        if temperature > 0:
+            probs = (logits / temperature).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+        else:
+            token = logits.argmax(-1, keepdim=True)
+        new.append(token)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+    return torch.cat(new, dim=1)
+
+
 @dataclass
 class SoftPromptExploration:
-    """model_1 continues short category seeds with the trained soft prompt prepended.
+    """Both models continue short category seeds with the trained soft prompt prepended.
 
-    The soft prompt steers model_1 towards text where the pair disagrees; the sampled texts (seed
-    plus continuation, the soft prompt gone) are cut at their divergence peak.
+    The soft prompt steers the sampling towards text where the pair disagrees; the sampled texts
+    (seed plus continuation, the soft prompt gone) are cut at their divergence peak. Sampling
+    from model_2 too matters: a behaviour only model_2 has (a backdoor's trigger word) is one
+    model_1 almost never writes.
 
     Args:
         num_seeds: category texts whose first words seed the sampling (spread over categories).
-        seed_words: words of each text kept as its seed.
-        samples_per_seed: continuations sampled per seed.
+        seed_words: words of each text kept as its seed (whole short texts by default: the
+            prompt then starts as text a person wrote, and stays fluent).
+        samples_per_seed: continuations sampled per seed and side.
         max_new_tokens: tokens per continuation.
-        temperature: sampling temperature.
+        temperature: sampling temperature (below 1: more fluent text).
         num_candidates: best-ranked candidates kept.
+        sides: the models sampled (``model_1``, ``model_2`` or both).
+        alpha: logit-difference amplification of the sampled side (0: plain sampling).
+        use_soft_prompt: prepend the trained soft prompt while sampling.
+        cut_first_within: cut where the divergence first reaches this share of the sample's
+            peak (1: at the peak; see :func:`cut_at_divergence_peak`).
     """
 
     num_seeds: int = 24
-    seed_words: int = 3
+    seed_words: int = 40
     samples_per_seed: int = 4
     max_new_tokens: int = 32
-    temperature: float = 1.0
-    num_candidates: int = 32
+    temperature: float = 0.7
+    num_candidates: int = 96
     min_prompt_tokens: int = 3
     batch_size: int = 16
+    sides: tuple[str, ...] = SIDES
+    alpha: float = 0.0
+    use_soft_prompt: bool = True
+    cut_first_within: float = 0.5
     source: str = "soft_prompt_exploration"
 
     def propose(self, module, texts_by_category: dict[str, list[str]], seed: int = 0):
@@ -189,21 +298,47 @@ class SoftPromptExploration:
             for category, text in _sample_texts(texts_by_category, per_category, seed)
         ][: self.num_seeds]
         seeds = [(c, s) for c, s in seeds if s] * self.samples_per_seed
-        torch.manual_seed(seed)
+        generator = torch.Generator(device=module.device).manual_seed(seed)
         tokenizer, items = module.tokenizer, []
-        for start in range(0, len(seeds), self.batch_size):
-            chunk = seeds[start : start + self.batch_size]
-            batch = _tokenize(tokenizer, [s for _, s in chunk], module.device)
-            new = module.sample(
-                batch["input_ids"], batch["attention_mask"], self.max_new_tokens, self.temperature
-            )
-            for (category, text), tokens in zip(chunk, new, strict=True):
-                continuation = tokenizer.decode(
-                    _until_eos(tokens, tokenizer), skip_special_tokens=True
+        for side in self.sides:
+            for start in range(0, len(seeds), self.batch_size):
+                chunk = seeds[start : start + self.batch_size]
+                batch = _tokenize(tokenizer, [s for _, s in chunk], module.device)
+                new = sample_continuations(
+                    module,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    self.max_new_tokens,
+                    self.temperature,
+                    side,
+                    self.alpha,
+                    self.use_soft_prompt,
+                    generator,
                 )
-                items.append((category, f"{text} {continuation.strip()}".strip()))
-        candidates = _cut_candidates(module, items, self.source, True, self.min_prompt_tokens)
+                for (category, text), tokens in zip(chunk, new, strict=True):
+                    continuation = tokenizer.decode(
+                        _until_eos(tokens, tokenizer), skip_special_tokens=True
+                    )
+                    items.append((category, f"{text} {continuation.strip()}".strip()))
+        candidates = _cut_candidates(
+            module, items, self.source, True, self.min_prompt_tokens, self.cut_first_within
+        )
         return sorted(candidates, key=lambda c: -c.score)[: self.num_candidates]
+
+
+@dataclass
+class ContrastiveExploration(SoftPromptExploration):
+    """Exploration by logit-difference amplification, in both directions, no soft prompt.
+
+    Each side samples from ``logits_b + alpha * (logits_b - logits_a)``: model_2's differences
+    from model_1 amplified, and model_1's from model_2. What one model says and the other almost
+    never does (a trigger word, a changed answer) comes up in a few samples. Cut at the divergence
+    peak like every strategy.
+    """
+
+    alpha: float = 0.5
+    use_soft_prompt: bool = False
+    source: str = "contrastive_exploration"
 
 
 def _until_eos(tokens: torch.Tensor, tokenizer) -> list[int]:
@@ -312,13 +447,16 @@ def discrete_search(
     num_candidates: int = 64,
     fluency_weight: float = 0.2,
     seed: int = 0,
+    plausible_top_k: int | None = None,
 ) -> SearchResult:
     """GCG-style coordinate search from ``start_ids`` on :func:`search_loss`.
 
     Each step takes the loss gradient with respect to the one-hot tokens at the current best
     prompt, draws ``num_candidates`` single-token swaps among each position's ``top_k``
     gradient-ranked tokens, evaluates them in one batch, and moves only if one is better: the
-    reported loss never increases.
+    reported loss never increases. With ``plausible_top_k``, a position may only take one of the
+    tokens model_1 (no soft prompt) ranks in its top ``plausible_top_k`` after the prompt so far:
+    swaps stay readable instead of the gradient's favourite odd token.
     """
     pair = module.pair
     device = module.device
@@ -335,7 +473,11 @@ def discrete_search(
         search_loss(module, one_hot, prefix, fluency_weight).sum().backward()
         gradient = one_hot.grad[0]
         gradient[:, ~allowed] = float("inf")
-        top = (-gradient).topk(min(top_k, int(allowed.sum())), dim=-1).indices  # [P, k]
+        if plausible_top_k:
+            gradient[~_plausible(module, best, prefix, plausible_top_k)] = float("inf")
+        ranked = (-gradient).topk(min(top_k, int(allowed.sum())), dim=-1)
+        # A position with fewer than top_k permitted tokens repeats its best one, never a barred one.
+        top = torch.where(ranked.values.isfinite(), ranked.indices, ranked.indices[:, :1])
         positions = torch.randint(0, len(best), (num_candidates,), generator=generator)
         choices = torch.randint(0, top.shape[1], (num_candidates,), generator=generator)
         candidates = best.repeat(num_candidates, 1)
@@ -353,6 +495,24 @@ def discrete_search(
     return result
 
 
+@torch.no_grad()
+def _plausible(module, ids: torch.Tensor, prefix: list[int], k: int) -> torch.Tensor:
+    """``[P, V]`` bool: the ``k`` tokens model_1 finds likeliest at each prompt position, given
+    the tokens before it (the first position without a prefix: every token)."""
+    model, v = module.pair.model_1, module.pair.vocab_size
+    full = torch.tensor([*prefix, *ids.tolist()], device=ids.device)[None]
+    log_probs = model(input_ids=full, use_cache=False).logits[0, :, :v]
+    plausible = torch.zeros(len(ids), v, dtype=torch.bool, device=ids.device)
+    # Prediction for prompt position i comes from full position len(prefix) + i - 1.
+    for i in range(len(ids)):
+        at = len(prefix) + i - 1
+        if at < 0:
+            plausible[i] = True
+        else:
+            plausible[i, log_probs[at].topk(min(k, v)).indices] = True
+    return plausible
+
+
 @dataclass
 class ProjectionSearch:
     """The soft prompt projected onto real tokens (PEZ), refined by GCG-style discrete search.
@@ -362,18 +522,22 @@ class ProjectionSearch:
         top_k: gradient-ranked tokens considered per position.
         search_batch: candidate swaps evaluated per step.
         fluency_weight: λ of the model_1 NLL term (higher: more readable, less divergent).
-        num_restarts: extra starts from random category-text tokens (the projection is the first).
+        num_restarts: extra starts from the first tokens of random category texts, so those
+            searches edit real text (the projection is the first start).
         num_candidates: prompts kept (the best of each start and the improving steps before it).
+        plausible_top_k: swaps only to tokens model_1 ranks in its top ``plausible_top_k`` at
+            that position (null: any token; see :func:`discrete_search`).
     """
 
     num_steps: int = 20
     top_k: int = 32
     search_batch: int = 32
     fluency_weight: float = 0.2
-    num_restarts: int = 1
+    num_restarts: int = 2
     num_candidates: int = 8
     cut_at_peak: bool = True
     min_prompt_tokens: int = 2
+    plausible_top_k: int | None = 64
     source: str = "projection_search"
 
     def propose(self, module, texts_by_category: dict[str, list[str]], seed: int = 0):
@@ -388,8 +552,14 @@ class ProjectionSearch:
         length = len(starts[0])
         generator = torch.Generator().manual_seed(seed)
         pool = allowed.nonzero().flatten()
-        for _ in range(self.num_restarts):
-            starts.append(pool[torch.randint(0, len(pool), (length,), generator=generator)])
+        texts = [t for _, t in _sample_texts(texts_by_category, self.num_restarts, seed)]
+        random.Random(seed).shuffle(texts)
+        for text in texts[: self.num_restarts]:
+            ids = pair.tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+            ids = [i for i in ids if i < pair.vocab_size and allowed[i]]
+            if len(ids) < 2:  # nothing to edit: a random start
+                ids = pool[torch.randint(0, len(pool), (length,), generator=generator)].tolist()
+            starts.append(torch.tensor(ids, device=embeddings.device))
         found: list[tuple[float, list[int]]] = []
         with torch.enable_grad():
             for i, start in enumerate(starts):
@@ -401,6 +571,7 @@ class ProjectionSearch:
                     self.search_batch,
                     self.fluency_weight,
                     seed + i,
+                    self.plausible_top_k,
                 )
                 log.info(
                     "projection search %d: loss %.3f -> %.3f", i, result.losses[0], result.loss
@@ -451,10 +622,78 @@ def merge_near_duplicates(candidates: list[Candidate], threshold: float = 0.8) -
     return [candidate for candidate, _, _ in kept]
 
 
-def propose_candidates(
-    strategies: list, module, texts_by_category: dict[str, list[str]], limit: int, seed: int = 0
+@torch.no_grad()
+def prompt_nll(module, texts: list[str], batch_size: int = 16) -> list[float]:
+    """model_1's mean per-token NLL of each text, no soft prompt (its fluency; BOS not counted).
+
+    The first real token counts only when a special token (BOS) precedes it, since without one
+    nothing predicts it.
+    """
+    tokenizer, model = module.tokenizer, module.pair.model_1
+    values = []
+    for start in range(0, len(texts), batch_size):
+        batch = _tokenize(tokenizer, texts[start : start + batch_size], module.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = module._model_logits(model, ids, mask, None).float()
+        token_nll = -logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        counted = mask[:, 1:].bool() & mask[:, :-1].bool()
+        per_text = (token_nll * counted).sum(-1) / counted.sum(-1).clamp(min=1)
+        values += [float(v) for v in per_text.cpu()]
+    return values
+
+
+def reference_nll(
+    module, texts_by_category: dict[str, list[str]], per_category: int = 64, seed: int = 0
+) -> float:
+    """The category texts' median per-token NLL under model_1, no soft prompt: what a prompt
+    written like the user's own texts costs (the yardstick of ``max_prompt_nll_ratio``)."""
+    texts = [t for _, t in _sample_texts(texts_by_category, per_category, seed) if t.strip()]
+    if not texts:
+        return float("nan")
+    return float(torch.tensor(prompt_nll(module, texts)).median())
+
+
+def select_fluent(
+    module,
+    candidates: list[Candidate],
+    texts_by_category: dict[str, list[str]],
+    max_prompt_nll_ratio: float | None,
+    seed: int = 0,
 ) -> list[Candidate]:
-    """Every strategy's candidates, near-duplicates merged, up to ``limit`` taken round-robin.
+    """Candidates with their ``prompt_nll`` and ``reference_nll`` set; with a ratio, only those
+    whose NLL is at most ``max_prompt_nll_ratio`` times the reference (fluency traded against
+    divergence: a prompt nobody would write is dropped however divergent)."""
+    if not candidates:
+        return candidates
+    reference = reference_nll(module, texts_by_category, seed=seed)
+    nlls = prompt_nll(module, [c.prompt for c in candidates])
+    measured = [
+        dataclasses.replace(c, prompt_nll=round(n, 4), reference_nll=round(reference, 4))
+        for c, n in zip(candidates, nlls, strict=True)
+    ]
+    if max_prompt_nll_ratio is None or reference != reference:  # no cap, or no texts (NaN)
+        return measured
+    kept = [c for c in measured if c.prompt_nll <= max_prompt_nll_ratio * reference]
+    log.info(
+        "fluency cap %.2f x reference NLL %.3f: %d of %d candidates kept",
+        max_prompt_nll_ratio,
+        reference,
+        len(kept),
+        len(measured),
+    )
+    return kept
+
+
+def propose_candidates(
+    strategies: list,
+    module,
+    texts_by_category: dict[str, list[str]],
+    limit: int,
+    seed: int = 0,
+    max_prompt_nll_ratio: float | None = None,
+) -> list[Candidate]:
+    """Every strategy's candidates, near-duplicates merged, the too-disfluent dropped
+    (:func:`select_fluent`), up to ``limit`` taken round-robin.
 
     Round-robin over the strategies (each in its own pre-score order) keeps every strategy in the
     dataset, so the final ranking, done by scoring without the soft prompt, can compare them.
@@ -463,9 +702,10 @@ def propose_candidates(
     module.eval()
     try:
         proposed = [s.propose(module, texts_by_category, seed) for s in strategies]
+        merged = merge_near_duplicates([c for group in proposed for c in group])
+        merged = select_fluent(module, merged, texts_by_category, max_prompt_nll_ratio, seed)
     finally:
         module.train(was_training)
-    merged = merge_near_duplicates([c for group in proposed for c in group])
     by_source: dict[str, list[Candidate]] = {}
     for candidate in merged:
         by_source.setdefault(candidate.source, []).append(candidate)

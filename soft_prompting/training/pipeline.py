@@ -364,6 +364,8 @@ def write_dataset(
         candidates=candidates,
         max_text_tokens=fit_to_context(config.data.max_length, module.max_text_length),
         overwrite=config.overwrite,
+        max_prompt_nll_ratio=gen.max_prompt_nll_ratio,
+        localise_top=gen.localise_top,
     )
 
 

@@ -1,0 +1,200 @@
+"""Discovery power: both-sided and contrastive exploration, the fluency cap, trigger localisation.
+
+Hand-built tiny pairs make the answers known: in ``flip`` model_2 is model_1 except for one
+token's input embedding, so the two models disagree exactly when that token is in the text; in
+``loud`` model_2 is model_1 with one output token boosted, so model_2 says it and model_1 rarely.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soft_prompting.errors import ConfigError
+from soft_prompting.hard_prompts.strategies import (
+    Candidate,
+    ContrastiveExploration,
+    SoftPromptExploration,
+    prompt_nll,
+    reference_nll,
+    sample_continuations,
+    select_fluent,
+)
+from soft_prompting.hard_prompts.triggers import last_divergence, localise, localise_records
+from soft_prompting.training.module import DivergenceModule
+from tests.conftest import make_model, make_tokenizer
+
+FLIP_WORD = "gold"
+LOUD_WORD = "poems"
+TEXTS = {
+    "animals": ["the cat sat on the mat", "the dog sat on the mat and read books"],
+    "maths": ["what is one plus two", "three plus four is seven", "five minus one is four"],
+}
+
+
+def _save(directory, model, tokenizer) -> str:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory) -> dict[str, str]:
+    """model_1 and two edited copies of it: ``flip`` (one input row changed) and ``loud``."""
+    root = tmp_path_factory.mktemp("discovery_pairs")
+    tokenizer = make_tokenizer()
+    base = make_model(1, len(tokenizer))
+    dirs = {"base": _save(root / "base", base, tokenizer)}
+    flip = make_model(1, len(tokenizer))
+    flip.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        row = tokenizer.convert_tokens_to_ids(FLIP_WORD)
+        flip.get_input_embeddings().weight[row] = 5 * torch.randn(flip.config.hidden_size)
+    dirs["flip"] = _save(root / "flip", flip, tokenizer)
+    loud = make_model(1, len(tokenizer))
+    loud.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        row = tokenizer.convert_tokens_to_ids(LOUD_WORD)
+        # The output row along the final norm's typical direction: large logit everywhere.
+        head = loud.get_output_embeddings().weight
+        head[row] = 50 * head.mean(0) / head.mean(0).norm()
+        loud.lm_head.weight[row] += 0  # keep the edited row (no tied weights here)
+    dirs["loud"] = _save(root / "loud", loud, tokenizer)
+    return dirs
+
+
+def _module(first: str, second: str) -> DivergenceModule:
+    return DivergenceModule(first, second, num_soft_prompt_tokens=4).eval()
+
+
+@pytest.fixture(scope="module")
+def flip(pair_dirs) -> DivergenceModule:
+    return _module(pair_dirs["base"], pair_dirs["flip"])
+
+
+@pytest.fixture(scope="module")
+def loud(pair_dirs) -> DivergenceModule:
+    return _module(pair_dirs["base"], pair_dirs["loud"])
+
+
+def _seeds(module, texts: list[str]):
+    module.tokenizer.padding_side = "left"
+    return module.tokenizer(texts, return_tensors="pt", padding=True)
+
+
+# ------------------------------------------------------------------------ trigger localisation
+def test_localisation_names_the_one_token_that_flips_model_2(flip):
+    prompt = f"the cat sat on the mat and read {FLIP_WORD}"
+    assert last_divergence(flip, ["the cat sat on the mat and read books"])[0] < 1e-6
+    found = localise(flip, prompt)
+    assert found.divergence > 1e-3
+    assert FLIP_WORD in found.trigger.split()
+    assert len(found.trigger.split()) < len(prompt.split())
+    assert found.trigger_divergence >= 0.8 * found.divergence
+    scores = {a["word"]: a["attribution"] for a in found.attributions}
+    # Dropping the flipping word removes all of the divergence; no other word matters as much.
+    assert scores[FLIP_WORD] == pytest.approx(found.divergence, rel=1e-4)
+    assert max(scores, key=scores.get) == FLIP_WORD
+
+
+def test_localised_records_get_trigger_and_attributions_only_at_the_top(flip):
+    records = [{"prompt": f"what is two plus {FLIP_WORD}"}, {"prompt": "the cat sat"}]
+    located = localise_records(flip, records, top=1)
+    assert FLIP_WORD in located[0]["trigger"].split()
+    assert [a["word"] for a in located[0]["attributions"]] == records[0]["prompt"].split()
+    assert "trigger" not in located[1]
+
+
+# ------------------------------------------------------------------------ contrastive sampling
+def test_contrastive_sampling_with_alpha_zero_is_plain_greedy_sampling_of_that_side(flip):
+    batch = _seeds(flip, [f"the {FLIP_WORD} sat", "what is one"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = sample_continuations(flip, ids, mask, 5, temperature=0, side="model_2", alpha=0.0,
+                                use_prompt=False)  # fmt: skip
+    reference = flip.pair.model_2.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+        pad_token_id=0,
+    )[:, ids.shape[1] :]  # fmt: skip
+    assert torch.equal(ours, reference)
+    # With alpha > 0 the first token is the argmax of l2 + alpha (l2 - l1).
+    amplified = sample_continuations(flip, ids, mask, 1, 0, "model_2", 2.0, False)
+    with torch.no_grad():
+        l1, l2 = (m(input_ids=ids, attention_mask=mask).logits[:, -1] for m in
+                  (flip.pair.model_1, flip.pair.model_2))  # fmt: skip
+    assert torch.equal(amplified[:, 0], (l2 + 2.0 * (l2 - l1)).argmax(-1))
+
+
+def test_amplifying_a_zero_difference_changes_no_sample(pair_dirs):
+    same = _module(pair_dirs["base"], pair_dirs["base"])
+    batch = _seeds(same, ["the cat", "what is one plus"])
+
+    def draw(alpha: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(3)
+        return sample_continuations(
+            same, batch["input_ids"], batch["attention_mask"], 6, 1.0, "model_1", alpha,
+            True, generator,
+        )  # fmt: skip
+
+    assert torch.equal(draw(0.0), draw(4.0))
+
+
+def test_unknown_side_is_refused(flip):
+    batch = _seeds(flip, ["the cat"])
+    with pytest.raises(ConfigError, match="model_1, model_2"):
+        sample_continuations(flip, batch["input_ids"], batch["attention_mask"], 1, side="model_3")
+
+
+# ------------------------------------------------------------------------ both-sided exploration
+def test_exploration_of_model_2_writes_what_only_model_2_says(loud):
+    def share(sides) -> float:
+        # min_prompt_tokens beyond any text: the cut keeps each sampled text whole.
+        strategy = SoftPromptExploration(
+            num_seeds=4, samples_per_seed=2, max_new_tokens=6, sides=sides, min_prompt_tokens=99
+        )
+        prompts = [c.prompt for c in strategy.propose(loud, TEXTS, seed=0)]
+        return sum(LOUD_WORD in p.split() for p in prompts) / len(prompts)
+
+    assert share(("model_2",)) >= 0.8
+    assert share(("model_1",)) <= 0.2
+
+
+def test_contrastive_exploration_defaults_amplify_both_directions_without_soft_prompt():
+    strategy = ContrastiveExploration()
+    assert strategy.alpha > 0 and not strategy.use_soft_prompt
+    assert set(strategy.sides) == {"model_1", "model_2"}
+    assert strategy.source == "contrastive_exploration"
+
+
+# ------------------------------------------------------------------------ fluency
+def test_prompt_nll_is_model_1s_mean_token_loss_without_soft_prompt(flip):
+    text = "the cat sat on the mat"
+    ids = flip.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = flip.pair.model_1(input_ids=ids, labels=ids).loss.item()
+    # Padded in a batch with a longer text, the value is the same.
+    assert prompt_nll(flip, [text, "the dog sat on the mat and read books"])[0] == pytest.approx(
+        expected, rel=1e-4
+    )
+
+
+def test_fluency_cap_drops_prompts_far_less_likely_than_the_texts(flip):
+    texts = [t for ts in TEXTS.values() for t in ts]
+    reference = reference_nll(flip, TEXTS)
+    nlls = prompt_nll(flip, texts + ["gold gold four poems"])
+    candidates = [Candidate("x", t, "s") for t in texts + ["gold gold four poems"]]
+    ratio = (max(nlls[:-1]) + 1e-3) / reference  # every text passes, by construction
+    kept = select_fluent(flip, candidates, TEXTS, ratio)
+    expected = [c.prompt for c, n in zip(candidates, nlls, strict=True) if n <= ratio * reference]
+    assert [c.prompt for c in kept] == expected
+    assert all(c.reference_nll == pytest.approx(reference, abs=1e-3) for c in kept)
+    assert all(c.prompt_nll <= ratio * reference + 1e-3 for c in kept)
+    uncapped = select_fluent(flip, candidates, TEXTS, None)
+    assert len(uncapped) == len(candidates) and all(c.prompt_nll is not None for c in uncapped)
+
+
+def test_max_prompt_nll_ratio_must_be_positive():
+    from soft_prompting.config import GenerationConfig
+
+    with pytest.raises(ConfigError, match="max_prompt_nll_ratio"):
+        GenerationConfig(max_prompt_nll_ratio=0)
+    assert GenerationConfig(max_prompt_nll_ratio=None).max_prompt_nll_ratio is None
