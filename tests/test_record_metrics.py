@@ -135,6 +135,21 @@ def test_record_metrics_follow_their_definitions(pair, reference_models, tempera
         assert min(lengths) < MAX_LENGTH, "no continuation ended early: the mask went unchecked"
 
 
+def test_with_several_samples_the_positions_are_the_shown_pairs(pair, reference_models):
+    """``generation_1``/``generation_2`` and ``disagreement_positions`` show the first sample pair;
+    the other metrics are means over the pairs, and stay within their ranges."""
+    settings = SamplingSettings(
+        max_length=MAX_LENGTH, num_generations_per_prompt=3, temperature=1.0
+    )
+    records = score_prompts(pair, PROMPTS, settings, seed=4, progress=False)
+    for record in records:
+        reference = reference_metrics(reference_models, pair.tokenizer, record)
+        metrics = record["metrics"]
+        assert metrics["disagreement_positions"] == reference["disagreement_positions"], record
+        assert 0 <= metrics["token_disagreement_rate"] <= 1 and metrics["kl_divergence"] > 0
+        assert 0 <= metrics["vocab_jaccard_similarity"] <= 1
+
+
 def test_temperature_zero_continues_each_prompt_with_each_models_argmax(pair, reference_models):
     """Greedy generation: every new token is the model's most likely one (the end of sequence only
     from the second token on: a continuation holds at least one token)."""
