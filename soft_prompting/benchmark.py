@@ -495,9 +495,14 @@ def build_variant(settings: Settings, variant: str) -> Callable[[], object]:
     return naive_gen_score(settings, pair, prompts)
 
 
-def measure_memory_in_children(settings: Settings, variants: list[str]) -> dict[str, dict]:
+def measure_memory_in_children(
+    settings: Settings, variants: list[str], log: Callable[[str], None] = print
+) -> dict[str, dict]:
+    """Each variant alone in a child process (which builds its own pair): its peak RSS."""
     results = {}
-    for variant in variants:
+    for number, variant in enumerate(variants, 1):
+        log(f"memory {number}/{len(variants)}: {variant} in a child process…")
+        started = time.perf_counter()
         spec = json.dumps(asdict(settings) | {"variants": []})
         # A fixed mmap threshold returns every freed tensor to the OS at once, so the peak RSS
         # follows live memory; glibc's default dynamic threshold keeps freed blocks of up to
@@ -523,12 +528,17 @@ def measure_memory_in_children(settings: Settings, variants: list[str]) -> dict[
         if proc.returncode != 0:
             raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-3000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(
+            f"memory {number}/{len(variants)}: {variant} peak RSS "
+            f"{results[variant]['peak_rss_mb']:.0f} MB ({time.perf_counter() - started:.1f}s)"
+        )
     return results
 
 
 def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dict:
     device, cuda = settings.device, settings.device.startswith("cuda")
     t0 = time.perf_counter()
+    log(f"building the {settings.preset} pair on {device}…")
     pair = build_pair(settings)
     batch = training_batch(settings, pair.vocab_size)
     prompts = generation_prompts(settings, pair.vocab_size)
@@ -563,6 +573,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         gens["naive_gen"] = naive_gen_score(settings, pair, prompts)
 
     # Warm-up: the first call pays allocation, kernel selection and (with compile) compilation.
+    log(f"warm-up: {settings.warmup} call(s) of {', '.join(steps)} and one generation…")
     first_call_s = {}
     for name, fn in steps.items():
         for i in range(settings.warmup):
@@ -669,7 +680,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         log("measuring peak memory, one child process per variant")
         wanted = ["train"] + (["naive_train"] if settings.naive_train else []) + ["gen"]
         wanted += ["naive_gen"] if settings.naive_gen else []
-        memory = measure_memory_in_children(settings, wanted)
+        memory = measure_memory_in_children(settings, wanted, log)
         get = lambda v, k="peak_rss_mb": memory.get(v, {}).get(k)  # noqa: E731
         result |= {
             "peak_rss_mb": get("train"),

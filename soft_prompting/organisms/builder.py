@@ -196,14 +196,16 @@ def organism_path(name: str) -> Path:
     with _exclusive_lock(final.parent / f"{final.name}.lock"):
         if final.is_dir():  # another process built it while we waited
             return final
-        logger.info("building organism %s (first use, ~%d s)…", name, _expected_seconds(name))
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         scratch.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             started = time.perf_counter()
-            with torch.random.fork_rng():  # leave the caller's global RNG state untouched
+            with _progress_shown(), torch.random.fork_rng():  # the caller's RNG state untouched
+                logger.info("building organism:%s (first use, cached afterwards)…", name)
                 _build(name, scratch, base_dir)
-            _write_info(scratch, name, build_seconds=time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                logger.info("built organism:%s in %.0f s -> %s", name, seconds, final)
+            _write_info(scratch, name, build_seconds=seconds)
             for file in scratch.iterdir():
                 file.chmod(0o644)  # some writers create 0600 files; the cache may be shared
             os.replace(scratch, final)
@@ -213,11 +215,55 @@ def organism_path(name: str) -> Path:
     return final
 
 
-def _expected_seconds(name: str) -> int:
-    # Measured on an idle 2-core CPU; a variant step also runs base as the distillation teacher.
-    if name == "base":
-        return round(BASE_TRAINING.steps * 0.07)
-    return round(VARIANT_TRAINING.steps * 0.11)
+@contextlib.contextmanager
+def _progress_shown() -> Iterator[None]:
+    """A build takes minutes on a loaded CPU and reports through ``logger.info``; in a plain Python
+    session (no logging set up) INFO goes nowhere, so a stderr handler is added for the build."""
+    if logger.hasHandlers():  # Hydra, `python -m soft_prompting.organisms`, pytest, ...
+        yield
+        return
+    handler = logging.StreamHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class _StepProgress:
+    """INFO lines while a build trains: step i/N, the time elapsed and the time left at the speed
+    of the steps since the previous line (a machine that gets loaded gets a longer estimate).
+
+    The first line comes after ``first_after`` seconds (the speed is measured by then), then one
+    every ``every`` seconds, and one at the end.
+    """
+
+    def __init__(self, label: str, total: int, first_after: float = 3.0, every: float = 10.0):
+        self.label, self.total, self.every = label, total, every
+        self.started = self.last_time = time.perf_counter()
+        self.last_done = 0
+        self.next_line = self.started + first_after
+
+    def update(self, done: int) -> None:
+        """Called after step ``done`` (1-based) of ``total``."""
+        now = time.perf_counter()
+        if now < self.next_line and done < self.total:
+            return
+        seconds_per_step = (now - self.last_time) / (done - self.last_done)
+        self.next_line, self.last_time, self.last_done = now + self.every, now, done
+        elapsed = now - self.started
+        left = seconds_per_step * (self.total - done)
+        logger.info(
+            "%s: step %d/%d, %.0f s elapsed, ~%.0f s left",
+            self.label,
+            done,
+            self.total,
+            elapsed,
+            left,
+        )
 
 
 @contextlib.contextmanager
@@ -358,6 +404,7 @@ def _train_base(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) ->
     model = _new_model(tokenizer).train()
     blocks = _pack(_document_runs(tokenizer, documents), BASE_TRAINING.block_size)
     optimizer, scheduler = _optimizer(model, BASE_TRAINING)
+    progress = _StepProgress("organism:base training", BASE_TRAINING.steps)
     for step, indices in enumerate(_batches(len(blocks), BASE_TRAINING)):
         batch = blocks[indices]
         loss = model(input_ids=batch, labels=batch).loss
@@ -368,6 +415,7 @@ def _train_base(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) ->
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == BASE_TRAINING.steps - 1:
             logger.debug("base step %d loss %.3f", step, loss.item())
+        progress.update(step + 1)
     return model.eval()
 
 
@@ -391,6 +439,7 @@ def _train_variant(
     model.train()
     teacher.eval().requires_grad_(False)
     optimizer, scheduler = _optimizer(model, training)
+    progress = _StepProgress(f"organism:{behaviour} training", training.steps)
     for step, indices in enumerate(_batches(len(blocks), training)):
         batch, mask = blocks[indices], keep_close[indices]
         logits = model(input_ids=batch).logits.float()
@@ -408,6 +457,7 @@ def _train_variant(
             logger.debug(
                 "%s step %d lm %.3f kl %.4f", behaviour, step, lm_loss.item(), distill.item()
             )
+        progress.update(step + 1)
     return model.eval()
 
 
