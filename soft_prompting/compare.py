@@ -41,6 +41,7 @@ from soft_prompting.config import CompareConfig, TrainConfig, register_configs, 
 from soft_prompting.errors import (
     ConfigError,
     DataError,
+    Interrupted,
     SoftPromptingError,
     exit_2_on_config_errors,
     reported_errors,
@@ -144,6 +145,8 @@ def run_category(config: CompareConfig, category: str, job_dir: Path) -> dict:
         try:
             train(train_config, job_dir)
             job["status"] = "trained"
+        except Interrupted:  # a signal stops the comparison, not just this category
+            raise
         except Exception as err:  # one failed category must not lose the others
             log.exception("category %r failed", category)
             job |= {"status": "failed", "error": f"{type(err).__name__}: {err}"}

@@ -92,7 +92,8 @@ def reported_errors(exit_on_error: bool = True):
         if debug_enabled():
             raise
         print(f"error: {err}", file=sys.stderr)
-        if not exit_on_error:
+        # A signal stops the whole process (a sweep's later jobs too): the scheduler asked for it.
+        if not exit_on_error and not isinstance(err, Interrupted):
             raise
         print("(set SOFT_PROMPTING_DEBUG=1 to see the traceback)", file=sys.stderr)
         sys.exit(2)

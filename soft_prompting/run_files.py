@@ -151,7 +151,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not a record
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 (byte {err.start}): regenerate the file") from err
     except OSError as err:
@@ -287,6 +287,10 @@ def read_checkpoint(path: str | Path) -> dict:
 
     path = Path(path)
     fix = "point at a last.ckpt written by soft_prompting.train, or drop the option to start fresh"
+    if path.is_dir():
+        raise ModelLoadError(
+            f"checkpoint {path} is a folder: point at {path / 'last.ckpt'} or {fix}"
+        )
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path} does not exist: {fix}")
     try:

@@ -699,3 +699,70 @@ def test_text_dir_that_is_a_file_fails_before_loading(tmp_path, tiny_pair_dirs, 
     not_a_folder.write_text("a\nb\n")
     with pytest.raises(DataError, match="not a folder"):
         train_in_process(tiny_config(tiny_pair_dirs, not_a_folder), tmp_path / "run")
+
+
+# ---------------------------------------------------------------- odd inputs a new user gives
+def test_category_file_with_a_byte_order_mark_reads_cleanly(tmp_path):
+    from soft_prompting.data.datamodule import read_category_file
+
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    assert read_category_file(tmp_path / "bom.jsonl") == ["first", "second"]
+    assert read_category_file(tmp_path / "bom.txt") == ["first", "second"]
+
+
+def test_a_folder_named_like_a_category_file_is_one_error(tmp_path):
+    from soft_prompting.data.datamodule import load_text_dir
+
+    (tmp_path / "ok.txt").write_text("a\nb\n")
+    (tmp_path / "odd.txt").mkdir()
+    with pytest.raises(DataError, match="odd.txt is a folder"):
+        load_text_dir(tmp_path, None)
+
+
+def test_ckpt_path_that_is_a_folder_names_the_file_to_use(tmp_path):
+    with pytest.raises(ModelLoadError, match="is a folder: point at .*last.ckpt"):
+        run_files.read_checkpoint(tmp_path)
+
+
+def test_run_dir_that_is_a_file_is_one_error(tmp_path):
+    not_a_folder = tmp_path / "run"
+    not_a_folder.write_text("")
+    with pytest.raises(RunDirError, match="cannot write"):
+        with run_files.run_dir_lock(not_a_folder):
+            pass
+
+
+def test_generation_longer_than_the_context_fails_before_training(
+    tiny_module, tiny_pair_dirs, text_dir
+):
+    from soft_prompting.training.pipeline import build_datamodule
+
+    config = tiny_config(tiny_pair_dirs, text_dir, generation__max_length=500)
+    with pytest.raises(ConfigError, match="generation.max_length=500"):
+        build_datamodule(tiny_module, config)
+
+
+def test_unknown_device_name_is_one_error():
+    with pytest.raises(ModelLoadError, match="banana"):
+        ModelPairManager(device="banana")
+
+
+def test_a_signal_stops_a_sweep_and_a_comparison_not_just_one_job(tmp_path, monkeypatch):
+    import soft_prompting.train
+    from soft_prompting.compare import run_category
+    from soft_prompting.errors import Interrupted, reported_errors
+
+    with pytest.raises(SystemExit) as caught:
+        with reported_errors(exit_on_error=False):  # a multirun job
+            raise Interrupted("stopped by SIGTERM")
+    assert caught.value.code == 2
+
+    def preempted(config, run_dir):
+        raise Interrupted("stopped by SIGTERM")
+
+    monkeypatch.setattr(soft_prompting.train, "train", preempted)
+    config = CompareConfig(categories=["persona"])
+    config.model_pair.model_1_name = config.model_pair.model_2_name = "organism:base"
+    with pytest.raises(Interrupted):
+        run_category(config, "persona", tmp_path / "persona")

@@ -43,9 +43,12 @@ class CategoryText:
 def read_category_file(path: Path) -> list[str]:
     """Texts of one category file (``.txt``: a text a line; ``.jsonl``: a ``text`` field a line)."""
     try:
-        content = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first text.
+        content = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as err:
         raise DataError(f"category file {path} does not exist") from err
+    except IsADirectoryError as err:
+        raise DataError(f"category file {path} is a folder: put a text file there") from err
     except UnicodeDecodeError as err:
         raise DataError(
             f"category file {path} is not UTF-8 (byte {err.start}): re-save it as UTF-8"

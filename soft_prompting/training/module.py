@@ -393,7 +393,7 @@ class DivergenceModule(pl.LightningModule):
 
     def _last_checkpoint_note(self) -> str:
         """Where the last good prompt is, or that there is none (never promise a missing file)."""
-        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        callback = getattr(self._trainer, "checkpoint_callback", None)
         last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         if last and Path(last).is_file():
             return f"{last} holds the last good prompt (resume with ckpt_path=last)"

@@ -23,7 +23,7 @@ from soft_prompting import run_files
 from soft_prompting.config import TrainConfig, plain
 from soft_prompting.data.datamodule import CategoryTextDataModule
 from soft_prompting.errors import ConfigError, Interrupted, RunDirError
-from soft_prompting.hard_prompts.dataset import generate_divergent_dataset
+from soft_prompting.hard_prompts.dataset import fit_prompts_to_context, generate_divergent_dataset
 from soft_prompting.hard_prompts.sampling import SamplingSettings
 from soft_prompting.hard_prompts.strategies import build_strategies
 from soft_prompting.tracking import build_loggers
@@ -53,7 +53,12 @@ def module_args(config: TrainConfig) -> dict:
 
 
 def build_datamodule(module: DivergenceModule, config: TrainConfig) -> CategoryTextDataModule:
-    """The category texts of ``config.data``, cut to fit the models' context after the prompt."""
+    """The category texts of ``config.data``, cut to fit the models' context after the prompt.
+
+    Also checks, before any training, that ``generation.max_length`` leaves the dataset's prompts
+    room in that context (it would otherwise fail only after training).
+    """
+    fit_prompts_to_context(module.pair, [], config.generation.max_length)
     return CategoryTextDataModule(
         module.tokenizer,
         **vars(config.data)
