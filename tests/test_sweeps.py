@@ -171,13 +171,15 @@ def test_submitit_launcher_runs_the_jobs_with_its_local_executor(
 
 
 @pytest.mark.parametrize("config_name", ["train", "compare"])
-def test_the_sweep_dir_resolves_before_hydra_config_is_set(config_name):
+def test_the_sweep_dir_resolves_before_hydra_config_is_set_and_not_per_job(config_name):
     """A sweeper reads hydra.sweep.dir before Hydra sets HydraConfig, so it must not need the
-    ``${hydra:...}`` resolver (that failed every multirun without hydra.sweep.dir=...)."""
+    ``${hydra:...}`` resolver (that failed every multirun without hydra.sweep.dir=...); and each
+    job resolves it again with its own overrides, so it must not name the model pair (a sweep
+    over model_pair would put each job in another folder)."""
     with initialize_config_module(config_module="soft_prompting.conf", version_base=None):
         cfg = compose(config_name, overrides=["model_pair=toy_double"], return_hydra_config=True)
     assert not HydraConfig.initialized()
-    assert re.fullmatch(r"multirun/(compare/)?toy_double/[0-9_-]+", cfg.hydra.sweep.dir)
+    assert re.fullmatch(r"multirun/(compare/)?[0-9_-]+", cfg.hydra.sweep.dir)
 
 
 def readme_sweep_commands() -> list[str]:
@@ -209,7 +211,7 @@ def test_the_readme_sweep_commands_run_as_printed(tiny_pair_dirs, text_dir, tmp_
         if "hparams_search=optuna" in command:
             args.append("hydra.sweeper.n_trials=1")
         assert args[0] == "python" and not any(a.startswith("hydra.sweep.dir") for a in args)
-        before = set(tmp_path.glob("multirun/custom/*"))
+        before = set(tmp_path.glob("multirun/*"))
         result = subprocess.run(
             [sys.executable, *args[1:]],
             cwd=tmp_path,
@@ -219,7 +221,7 @@ def test_the_readme_sweep_commands_run_as_printed(tiny_pair_dirs, text_dir, tmp_
             timeout=400,
         )
         assert result.returncode == 0, command + "\n" + result.stderr[-3000:]
-        (sweep_dir,) = set(tmp_path.glob("multirun/custom/*")) - before
+        (sweep_dir,) = set(tmp_path.glob("multirun/*")) - before
         jobs.append(sorted(job_results(sweep_dir).items()))
     grid, optuna, submitit = jobs
     assert [(job, r["shape"][0]) for job, r in grid] == list(enumerate([4, 4, 8, 8, 16, 16]))
