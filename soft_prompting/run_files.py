@@ -209,6 +209,21 @@ def read_yaml(path: str | Path) -> dict:
         raise DataError(f"{path} is not a valid YAML config ({first}): fix or delete it") from None
 
 
+def check_scored(records: list[dict], source: str | Path) -> list[dict]:
+    """``records`` if each is a scored divergent-dataset record (a number at
+    ``metrics.kl_divergence``); otherwise a DataError naming the first that is not."""
+    from soft_prompting.errors import DataError
+
+    for number, record in enumerate(records, start=1):
+        kl = (record.get("metrics") or {}).get("kl_divergence")
+        if not isinstance(kl, int | float) or isinstance(kl, bool):
+            raise DataError(
+                f"{source}: record {number} has no number at metrics.kl_divergence, so it is not a "
+                "scored divergent-dataset record: point at a run written by soft_prompting.train"
+            )
+    return records
+
+
 def write_torch(target: str | Path, payload) -> Path:
     """Atomically ``torch.save`` plain Python data (loadable with ``weights_only=True``)."""
     with atomic_path(target) as tmp:
@@ -232,8 +247,8 @@ def read_records(path: str | Path) -> list[dict]:
             records = torch.load(path, weights_only=True)
         except Exception as err:  # torch's own message would advise weights_only=False
             raise DataError(
-                f"{path} is not a plain-data .pt file ({type(err).__name__}: it holds something "
-                "other than plain data, and nothing in it was run): regenerate it with this project"
+                f"{path} is not a plain-data .pt file (refusing to unpickle it, {type(err).__name__}:"
+                " nothing in it was run): regenerate it with this project"
             ) from err
     else:
         records = read_jsonl(path)

@@ -766,3 +766,10 @@ def test_a_signal_stops_a_sweep_and_a_comparison_not_just_one_job(tmp_path, monk
     config.model_pair.model_1_name = config.model_pair.model_2_name = "organism:base"
     with pytest.raises(Interrupted):
         run_category(config, "persona", tmp_path / "persona")
+
+
+def test_report_refuses_records_that_were_never_scored(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_files.write_jsonl(run_dir / run_files.DATASET_JSONL, [{"prompt": "a"}])
+    assert "record 1 has no number at metrics.kl_divergence" in report_exit(run_dir, capsys)

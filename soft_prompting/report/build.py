@@ -115,7 +115,7 @@ def read_run(run_dir: str | Path, evaluation_dir: str | Path | None = None) -> R
     comparison_file = run_dir / run_files.COMPARISON
     comparison = run_files.read_json(comparison_file) if comparison_file.is_file() else None
     try:
-        records = load_records(run_dir)
+        records = run_files.check_scored(load_records(run_dir), run_dir)
     except FileNotFoundError as err:
         raise DataError(
             f"{run_dir} holds no divergent_dataset.jsonl: point run_dir at a finished train or "
