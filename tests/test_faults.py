@@ -773,3 +773,18 @@ def test_report_refuses_records_that_were_never_scored(tmp_path, capsys):
     run_dir.mkdir()
     run_files.write_jsonl(run_dir / run_files.DATASET_JSONL, [{"prompt": "a"}])
     assert "record 1 has no number at metrics.kl_divergence" in report_exit(run_dir, capsys)
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name
+)
+def test_a_signal_outside_the_fit_is_one_line_and_handlers_are_restored(tmp_path, signum):
+    from soft_prompting.errors import Interrupted
+    from soft_prompting.training.pipeline import Preemption
+
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted, match=f"stopped by {signum.name}.*ckpt_path=last"):
+        with Preemption(tmp_path):  # e.g. while the pair loads or the dataset is scored
+            os.kill(os.getpid(), signum)
+            time.sleep(1)  # the handler runs here
+    assert signal.getsignal(signum) == before

@@ -232,7 +232,12 @@ def test_dataset_is_sorted_with_provenance_and_resumes_without_duplicates(module
         {"category": "c", "prompt": p, "source": "s"}
         for p in ("the cat sat", "one plus two", "i am helpful", "the dog read", "water gold")
     ]
-    # A run killed after its first batch, with a torn last line.
+    # A run killed after its first batch, with a torn last line; its fingerprint says which
+    # settings made the partial file (without one, a partial file is discarded, never mixed in).
+    from soft_prompting.hard_prompts.dataset import dataset_fingerprint
+
+    fingerprint = dataset_fingerprint(module, TEXTS, [], SETTINGS, PROVENANCE, 5, 0, rows)
+    run_files.write_json(tmp_path / run_files.DATASET_FINGERPRINT, {"fingerprint": fingerprint})
     partial = tmp_path / run_files.partial(run_files.DATASET_JSONL)
     first = score_candidates(module.pair, rows[:2], SETTINGS, PROVENANCE, partial, progress=False)
     with partial.open("a") as handle:
