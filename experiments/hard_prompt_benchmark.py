@@ -62,13 +62,21 @@ def about(prompt: str, behaviours) -> list[str]:
     return [b for b in behaviours if topic_words_in(prompt, b)]
 
 
-def scenario(name: str, seed: int, root: Path, extra_all: list[str]) -> dict:
+def scenario(
+    name: str, seed: int, root: Path, extra_all: list[str], evaluate_only: bool = False
+) -> dict:
     pair, extra = SCENARIOS[name]
     run_dir = root / f"{name}-seed{seed}"
     started = time.perf_counter()
     common = [f"model_pair={pair}", f"seed={seed}", *extra, *extra_all]
-    run("soft_prompting.train", [*common, f"hydra.run.dir={run_dir}", "overwrite=true"])
-    trained = time.perf_counter() - started
+    previous = root / "results" / f"{name}-seed{seed}.json"
+    if evaluate_only and (run_dir / "divergent_dataset.jsonl").is_file() and previous.is_file():
+        # Re-evaluate a finished training run; its train time is the one measured then.
+        trained = json.loads(previous.read_text())["train_and_dataset_seconds"]
+        started -= trained
+    else:
+        run("soft_prompting.train", [*common, f"hydra.run.dir={run_dir}", "overwrite=true"])
+        trained = time.perf_counter() - started
     records = read_jsonl(run_dir / "divergent_dataset.jsonl")
     write_jsonl(run_dir / "top_prompts.jsonl", records[:TOP])
     run(
@@ -180,6 +188,11 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="*", default=DEFAULT_SCENARIOS, choices=SCENARIOS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--collect", action="store_true", help="only gather finished results")
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="reuse finished training runs (their datasets) and only run evaluate again",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     root = Path(args.output_dir)
@@ -187,7 +200,7 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.scenarios:
                 print(f"[benchmark] {name} seed {seed}", flush=True)
-                result = scenario(name, seed, root, args.overrides)
+                result = scenario(name, seed, root, args.overrides, args.evaluate_only)
                 write_json(root / "results" / f"{name}-seed{seed}.json", result)
                 print(json.dumps({k: result[k] for k in list(result)[:12]}, indent=2), flush=True)
     collect(root, args.overrides)

@@ -347,7 +347,15 @@ def run_baseline(
         )
     budget = config.baseline_candidates or config.generation.num_prompts
     strategies = baseline_strategies(name, config, budget, len(texts))
-    proposed = propose_candidates(strategies, module, texts, budget, config.seed)
+    # The dataset's fluency cap too: a baseline is matched only if it is selected the same way.
+    proposed = propose_candidates(
+        strategies,
+        module,
+        texts,
+        budget,
+        config.seed,
+        max_prompt_nll_ratio=config.generation.max_prompt_nll_ratio,
+    )
     rows = [
         {"category": c.category, "prompt": c.prompt, "source": name, "pre_score": c.score}
         for c in proposed
