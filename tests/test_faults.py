@@ -788,3 +788,18 @@ def test_a_signal_outside_the_fit_is_one_line_and_handlers_are_restored(tmp_path
             os.kill(os.getpid(), signum)
             time.sleep(1)  # the handler runs here
     assert signal.getsignal(signum) == before
+
+
+def test_evaluation_partials_of_other_settings_are_not_mixed_in(tmp_path, tiny_module):
+    from soft_prompting.hard_prompts.dataset import score_candidates
+    from soft_prompting.hard_prompts.sampling import SamplingSettings
+
+    partial = tmp_path / run_files.partial(run_files.EVALUATED_PROMPTS)
+    rows = [{"category": "c", "prompt": "the cat sat", "source": "s"}]
+    short = SamplingSettings.from_config(GenerationConfig(max_length=2))
+    score_candidates(tiny_module.pair, rows, short, {}, partial, progress=False)
+    longer = SamplingSettings.from_config(GenerationConfig(max_length=5))
+    records = score_candidates(tiny_module.pair, rows, longer, {}, partial, progress=False)
+    assert records[0]["generation_params"]["max_length"] == 5
+    again = score_candidates(tiny_module.pair, rows, longer, {}, partial, progress=False)
+    assert again == records, "the same settings did not resume from the partial file"

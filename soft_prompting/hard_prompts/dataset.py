@@ -46,6 +46,17 @@ def sort_by_divergence(records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: r["metrics"]["kl_divergence"], reverse=True)
 
 
+_STAMP = "_partial_of"
+"""Key of a partial file's first line: a digest of what made its records."""
+
+
+def _digest(described) -> str:
+    text = json.dumps(
+        described, sort_keys=True, default=lambda o: vars(o) if hasattr(o, "__dict__") else str(o)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _key(row: dict) -> tuple[str, str, str]:
     return (row.get("source", ""), row.get("category", ""), row["prompt"])
 
@@ -78,11 +89,30 @@ def score_candidates(
             )
     candidates = fit_prompts_to_context(pair, candidates, settings.max_length)
     done: dict[tuple, dict] = {}
+    # The partial file's first line says what made its records: those of other settings, another
+    # pair or seed are discarded, never mixed in.
+    stamp = {
+        _STAMP: _digest(
+            [
+                settings,
+                provenance,
+                seed,
+                stream,
+                pair.model_1.name_or_path,
+                pair.model_2.name_or_path,
+            ]
+        )
+    }
     if partial_path is not None and Path(partial_path).is_file():
-        for record in read_jsonl(partial_path):
-            done.setdefault(_key(record), record)
-        # Rewrite without a torn last line, so appending cannot glue onto half a record.
-        write_jsonl(partial_path, done.values())
+        records = read_jsonl(partial_path)
+        if records and records[0] == stamp:
+            for record in records[1:]:
+                done.setdefault(_key(record), record)
+        else:
+            print(f"discarding {partial_path}: its records come from other settings or another run")
+    if partial_path is not None:
+        # Rewritten without a torn last line, so appending cannot glue onto half a record.
+        write_jsonl(partial_path, [stamp, *done.values()])
     params = {
         "max_length": settings.max_length,
         "num_generations_per_prompt": settings.num_generations_per_prompt,
