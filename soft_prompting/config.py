@@ -311,6 +311,8 @@ class GenerationConfig:
     """Keep proposed prompts whose model_1 NLL/token is at most this multiple of the texts' median (null: no cap)."""
     localise_top: int = 20
     """Top records (by divergence) that get a ``trigger`` and per-word ``attributions`` (0: none)."""
+    rounds: int = 1
+    """Proposal rounds; each later one starts from the best prompts so far and where the pair parted ways after them."""
 
     def __post_init__(self) -> None:
         _require(
@@ -340,6 +342,7 @@ class GenerationConfig:
             f"generation.max_prompt_nll_ratio={self.max_prompt_nll_ratio}: must be a finite "
             "number > 0 (e.g. 1.5), or null for no fluency cap",
         )
+        _require(self.rounds >= 1, f"generation.rounds={self.rounds}: must be >= 1")
         _require(
             self.localise_top >= 0,
             f"generation.localise_top={self.localise_top}: must be >= 0 (0: no localisation)",

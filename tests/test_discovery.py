@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_model, make_tokenizer
 
 from soft_prompting.errors import ConfigError
 from soft_prompting.hard_prompts.strategies import (
     Candidate,
     ContrastiveExploration,
     SoftPromptExploration,
+    merge_near_duplicates,
     prompt_nll,
+    propose_candidates,
     reference_nll,
     sample_continuations,
     select_fluent,
 )
 from soft_prompting.hard_prompts.triggers import last_divergence, localise, localise_records
 from soft_prompting.training.module import DivergenceModule
-from tests.conftest import make_model, make_tokenizer
 
 FLIP_WORD = "gold"
 LOUD_WORD = "poems"
@@ -107,21 +109,32 @@ def test_localised_records_get_trigger_and_attributions_only_at_the_top(flip):
 
 # ------------------------------------------------------------------------ contrastive sampling
 def test_contrastive_sampling_with_alpha_zero_is_plain_greedy_sampling_of_that_side(flip):
-    batch = _seeds(flip, [f"the {FLIP_WORD} sat", "what is one"])
+    seeds = [f"{start} {FLIP_WORD}" for start in ("the cat", "what is", "i am", "one plus")]
+    batch = _seeds(flip, [*seeds, "what is one"])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     ours = sample_continuations(flip, ids, mask, 5, temperature=0, side="model_2", alpha=0.0,
                                 use_prompt=False)  # fmt: skip
     reference = flip.pair.model_2.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-        pad_token_id=0,
-    )[:, ids.shape[1] :]  # fmt: skip
-    assert torch.equal(ours, reference)
-    # With alpha > 0 the first token is the argmax of l2 + alpha (l2 - l1).
-    amplified = sample_continuations(flip, ids, mask, 1, 0, "model_2", 2.0, False)
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+    )[:, ids.shape[1] :]
+    eos = flip.tokenizer.eos_token_id
+    for row, expected in zip(ours.tolist(), reference.tolist(), strict=True):
+        # generate stops a row at its end of sequence; the loop draws on (cut when decoding).
+        end = expected.index(eos) + 1 if eos in expected else len(expected)
+        assert row[:end] == expected[:end]
+    # With alpha > 0 the first token is the argmax of l_b + alpha (l_b - l_a), in either direction.
     with torch.no_grad():
-        l1, l2 = (m(input_ids=ids, attention_mask=mask).logits[:, -1] for m in
-                  (flip.pair.model_1, flip.pair.model_2))  # fmt: skip
-    assert torch.equal(amplified[:, 0], (l2 + 2.0 * (l2 - l1)).argmax(-1))
+        logits = [
+            m(input_ids=ids, attention_mask=mask).logits[:, -1]
+            for m in (flip.pair.model_1, flip.pair.model_2)
+        ]
+    changed = False
+    for side, (l_a, l_b) in (("model_2", logits), ("model_1", logits[::-1])):
+        plain = sample_continuations(flip, ids, mask, 1, 0, side, 0.0, False)
+        amplified = sample_continuations(flip, ids, mask, 1, 0, side, 50.0, False)
+        assert torch.equal(amplified[:, 0], (l_b + 50.0 * (l_b - l_a)).argmax(-1))
+        changed |= bool((amplified != plain).any())
+    assert changed  # the amplification did pick other tokens
 
 
 def test_amplifying_a_zero_difference_changes_no_sample(pair_dirs):
@@ -182,9 +195,11 @@ def test_fluency_cap_drops_prompts_far_less_likely_than_the_texts(flip):
     reference = reference_nll(flip, TEXTS)
     nlls = prompt_nll(flip, texts + ["gold gold four poems"])
     candidates = [Candidate("x", t, "s") for t in texts + ["gold gold four poems"]]
-    ratio = (max(nlls[:-1]) + 1e-3) / reference  # every text passes, by construction
+    middle = sorted(nlls)[len(nlls) // 2 - 1 : len(nlls) // 2 + 1]
+    ratio = sum(middle) / 2 / reference  # about half the prompts pass, none on the edge
     kept = select_fluent(flip, candidates, TEXTS, ratio)
     expected = [c.prompt for c, n in zip(candidates, nlls, strict=True) if n <= ratio * reference]
+    assert 0 < len(expected) < len(candidates)
     assert [c.prompt for c in kept] == expected
     assert all(c.reference_nll == pytest.approx(reference, abs=1e-3) for c in kept)
     assert all(c.prompt_nll <= ratio * reference + 1e-3 for c in kept)
@@ -198,3 +213,40 @@ def test_max_prompt_nll_ratio_must_be_positive():
     with pytest.raises(ConfigError, match="max_prompt_nll_ratio"):
         GenerationConfig(max_prompt_nll_ratio=0)
     assert GenerationConfig(max_prompt_nll_ratio=None).max_prompt_nll_ratio is None
+
+
+# ------------------------------------------------------------------------ iterated refinement
+class _Recording:
+    """A strategy proposing each text it is given whole, and remembering what it was given."""
+
+    source = "recording"
+
+    def __init__(self):
+        self.given: list[dict[str, list[str]]] = []
+
+    def propose(self, module, texts_by_category, seed=0):
+        self.given.append(texts_by_category)
+        return [
+            Candidate(category, text, self.source, score=float(len(text)))
+            for category, texts in texts_by_category.items()
+            for text in texts
+        ]
+
+
+def test_a_second_round_starts_from_the_best_prompts_and_both_models_continuations(flip):
+    strategy = _Recording()
+    picked = propose_candidates([strategy], flip, TEXTS, limit=100, rounds=2)
+    assert len(strategy.given) == 2
+    second = [t for texts in strategy.given[1].values() for t in texts]
+    best = sorted(merge_near_duplicates(
+        [Candidate(c, t, "recording", float(len(t))) for c, ts in TEXTS.items() for t in ts]
+    ), key=lambda c: -c.score)  # fmt: skip
+    # Each best prompt comes back twice, once continued by each model (greedy, no soft prompt).
+    assert len(second) == 2 * len(best)
+    for candidate in best:
+        starting = [t for t in second if t.startswith(candidate.prompt + " ")]
+        assert len(starting) == 2
+    assert {c.round for c in picked} == {1, 2}
+    once = _Recording()
+    propose_candidates([once], flip, TEXTS, limit=100, rounds=1)
+    assert len(once.given) == 1

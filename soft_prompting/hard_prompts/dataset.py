@@ -271,6 +271,7 @@ def generate_divergent_dataset(
     overwrite: bool = False,
     max_prompt_nll_ratio: float | None = None,
     localise_top: int = 20,
+    rounds: int = 1,
 ) -> list[dict]:
     """Propose candidates with ``strategies``, score them without soft prompt, write the dataset.
 
@@ -298,6 +299,8 @@ def generate_divergent_dataset(
             ``prompt_nll`` and ``reference_nll``).
         localise_top: the first records (by divergence) that get ``trigger`` and per-word
             ``attributions`` (:mod:`soft_prompting.hard_prompts.triggers`).
+        rounds: proposal rounds; later ones start from the best earlier prompts and where the
+            pair parted ways after them (records carry their ``round``).
 
     The partial files are reused only when ``divergent_dataset.fingerprint.json`` says they were
     made from the same pair, prompt, texts and settings (:func:`dataset_fingerprint`).
@@ -311,8 +314,8 @@ def generate_divergent_dataset(
     fingerprint = dataset_fingerprint(
         module, texts_by_category, strategies, settings, provenance, num_prompts, seed, candidates
     )
-    if max_prompt_nll_ratio is not None:  # a capped proposal is another candidate list
-        fingerprint += f":nll<={max_prompt_nll_ratio}"
+    if max_prompt_nll_ratio is not None or rounds != 1:  # another candidate list
+        fingerprint += f":nll<={max_prompt_nll_ratio}:rounds={rounds}"
     _claim_partials(run_dir, fingerprint, overwrite)
     candidates_path = run_dir / run_files.CANDIDATES
     if candidates is None and candidates_path.is_file():
@@ -320,7 +323,7 @@ def generate_divergent_dataset(
         print(f"resuming with the {len(candidates)} candidates of {candidates_path}")
     if candidates is None:
         proposed = propose_candidates(
-            strategies, module, texts_by_category, num_prompts, seed, max_prompt_nll_ratio
+            strategies, module, texts_by_category, num_prompts, seed, max_prompt_nll_ratio, rounds
         )
         candidates = [
             {
@@ -330,6 +333,7 @@ def generate_divergent_dataset(
                 "pre_score": c.score,
                 "prompt_nll": c.prompt_nll,
                 "reference_nll": c.reference_nll,
+                "round": c.round,
             }
             for c in proposed
         ]

@@ -51,6 +51,8 @@ class Candidate:
     """model_1's mean per-token NLL of the prompt, no soft prompt (set by the final selection)."""
     reference_nll: float | None = None
     """The category texts' median per-token NLL under model_1, no soft prompt (the yardstick)."""
+    round: int = 1
+    """The proposal round that found it (``generation.rounds``; 2+: refined from round 1)."""
 
 
 # ---------------------------------------------------------------------------- shared measurements
@@ -684,6 +686,32 @@ def select_fluent(
     return kept
 
 
+@torch.no_grad()
+def refinement_texts(
+    module, candidates: list[Candidate], top: int = 16, max_new_tokens: int = 16
+) -> dict[str, list[str]]:
+    """The next round's starting texts: the ``top`` best candidates (by pre-score), each followed
+    by model_1's and by model_2's greedy continuation, no soft prompt: the prompts that worked and
+    the text where the pair parted ways after them (a backdoor's model_2 side writes its trigger
+    there)."""
+    best = sorted(merge_near_duplicates(candidates), key=lambda c: -c.score)[:top]
+    texts: dict[str, list[str]] = {}
+    if not best:
+        return texts
+    tokenizer = module.tokenizer
+    batch = _tokenize(tokenizer, [c.prompt for c in best], module.device)
+    for side in SIDES:
+        new = sample_continuations(
+            module, batch["input_ids"], batch["attention_mask"], max_new_tokens, 0.0, side,
+            use_prompt=False,
+        )  # fmt: skip
+        for candidate, tokens in zip(best, new, strict=True):
+            continuation = tokenizer.decode(_until_eos(tokens, tokenizer), skip_special_tokens=True)
+            text = f"{candidate.prompt} {continuation.strip()}".strip()
+            texts.setdefault(candidate.category, []).append(text)
+    return texts
+
+
 def propose_candidates(
     strategies: list,
     module,
@@ -691,18 +719,30 @@ def propose_candidates(
     limit: int,
     seed: int = 0,
     max_prompt_nll_ratio: float | None = None,
+    rounds: int = 1,
 ) -> list[Candidate]:
     """Every strategy's candidates, near-duplicates merged, the too-disfluent dropped
     (:func:`select_fluent`), up to ``limit`` taken round-robin.
 
+    With ``rounds > 1``, each further round runs the strategies again from
+    :func:`refinement_texts` of everything proposed so far (candidates tagged with their round).
     Round-robin over the strategies (each in its own pre-score order) keeps every strategy in the
     dataset, so the final ranking, done by scoring without the soft prompt, can compare them.
     """
     was_training = module.training
     module.eval()
     try:
-        proposed = [s.propose(module, texts_by_category, seed) for s in strategies]
-        merged = merge_near_duplicates([c for group in proposed for c in group])
+        proposed = [c for s in strategies for c in s.propose(module, texts_by_category, seed)]
+        for number in range(2, rounds + 1):
+            texts = refinement_texts(module, proposed)
+            log.info("round %d: %d starting texts", number, sum(map(len, texts.values())))
+            if texts:
+                proposed += [
+                    dataclasses.replace(c, round=number)
+                    for s in strategies
+                    for c in s.propose(module, texts, seed + number)
+                ]
+        merged = merge_near_duplicates(proposed)
         merged = select_fluent(module, merged, texts_by_category, max_prompt_nll_ratio, seed)
     finally:
         module.train(was_training)

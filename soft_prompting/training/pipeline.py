@@ -371,6 +371,7 @@ def write_dataset(
         overwrite=config.overwrite,
         max_prompt_nll_ratio=gen.max_prompt_nll_ratio,
         localise_top=gen.localise_top,
+        rounds=gen.rounds,
     )
 
 
