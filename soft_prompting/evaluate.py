@@ -463,10 +463,12 @@ def summarise(
     )
     for record in records:
         record["discovery"] = is_discovery(record, config.fdr_level, threshold)
+    no_lift = {"value": None, "ci_low": None, "ci_high": None}  # a baseline KL of 0: identical
     lifts = {
         name: ratio_of_means_ci(
             _kls(records), _kls(group), n_resamples=config.bootstrap_resamples, seed=config.seed
         )
+        or dict(no_lift)
         for name, group in baselines.items()
     }
     prompts = _group_summary(records, config)

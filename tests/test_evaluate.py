@@ -147,7 +147,7 @@ def test_identical_models_give_no_discovery_and_reliability_zero(
     assert summary["num_discoveries"] == 0 and summary["reliability"] == 0.0
     records = [json.loads(line) for line in (run_dir / "evaluated_prompts.jsonl").open()]
     assert all(r["p_value"] == 1.0 and r["effect"]["value"] == 0.0 for r in records)
-    assert summary["lifts"]["random_text_cut"] is None  # nothing to divide by
+    assert summary["lifts"]["random_text_cut"]["value"] is None  # nothing to divide by
 
 
 def test_evaluate_cli_rejects_an_empty_prompts_file(tiny_pair_dirs, text_dir, tmp_path):
