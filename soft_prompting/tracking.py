@@ -111,6 +111,15 @@ class _AppendingWriter(ExperimentWriter):
         self.metrics_keys = sorted(keys)
         self._write_rows(self.metrics_keys, kept)
 
+    def log_hparams(self, params: dict) -> None:
+        from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+        from soft_prompting.run_files import atomic_path
+
+        self.hparams.update(params)
+        with atomic_path(Path(self.log_dir) / self.NAME_HPARAMS_FILE) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))

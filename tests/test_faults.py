@@ -178,6 +178,7 @@ def test_resume_keeps_the_training_curve(tmp_path, tiny_pair_dirs, text_dir, fin
     train_rows = [line for line in after[1:] if line.split(",")[header.index("train/divergence")]]
     train_steps = [int(line.split(",")[step_column]) for line in train_rows]
     assert len(train_steps) == len(set(train_steps)), "steps logged twice after the resume"
+    assert "learning_rate" in (run_dir / run_files.LOGS / "hparams.yaml").read_text()
 
 
 def test_checkpoint_of_another_pair_with_the_same_shape_is_refused(
