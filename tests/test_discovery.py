@@ -207,12 +207,14 @@ def test_fluency_cap_drops_prompts_far_less_likely_than_the_texts(flip):
     assert len(uncapped) == len(candidates) and all(c.prompt_nll is not None for c in uncapped)
 
 
-def test_max_prompt_nll_ratio_must_be_positive():
+def test_max_prompt_nll_ratio_and_rounds_are_checked():
     from soft_prompting.config import GenerationConfig
 
     with pytest.raises(ConfigError, match="max_prompt_nll_ratio"):
         GenerationConfig(max_prompt_nll_ratio=0)
     assert GenerationConfig(max_prompt_nll_ratio=None).max_prompt_nll_ratio is None
+    with pytest.raises(ConfigError, match="generation.rounds"):
+        GenerationConfig(rounds=0)
 
 
 # ------------------------------------------------------------------------ iterated refinement
@@ -250,3 +252,28 @@ def test_a_second_round_starts_from_the_best_prompts_and_both_models_continuatio
     once = _Recording()
     propose_candidates([once], flip, TEXTS, limit=100, rounds=1)
     assert len(once.given) == 1
+
+
+class _Fixed:
+    """A strategy proposing fixed candidates."""
+
+    def __init__(self, candidates):
+        self.candidates, self.source = candidates, candidates[0].source
+
+    def propose(self, module, texts_by_category, seed=0):
+        return list(self.candidates)
+
+
+def test_a_disfluent_near_duplicate_does_not_take_its_fluent_twin_out_with_it(flip):
+    twins = ["the cat sat on the mat and read books", "the cat sat on the mat and read books books"]
+    nlls = prompt_nll(flip, twins)
+    fluent, disfluent = sorted(range(2), key=nlls.__getitem__)
+    assert merge_near_duplicates([Candidate("c", t, "s") for t in twins])[1:] == []  # twins
+    reference = reference_nll(flip, TEXTS)
+    ratio = sum(nlls) / 2 / reference  # the fluent twin passes, the other does not
+    candidates = [
+        Candidate("c", twins[disfluent], "s", score=2.0),  # the merge would keep this one
+        Candidate("c", twins[fluent], "s", score=1.0),
+    ]
+    picked = propose_candidates([_Fixed(candidates)], flip, TEXTS, 10, max_prompt_nll_ratio=ratio)
+    assert [c.prompt for c in picked] == [twins[fluent]]

@@ -742,8 +742,10 @@ def propose_candidates(
                     for s in strategies
                     for c in s.propose(module, texts, seed + number)
                 ]
-        merged = merge_near_duplicates(proposed)
-        merged = select_fluent(module, merged, texts_by_category, max_prompt_nll_ratio, seed)
+        # The cap before the merge: a disfluent near-duplicate must not win the merge and then
+        # take its fluent twin out with it when the cap drops it.
+        fluent = select_fluent(module, proposed, texts_by_category, max_prompt_nll_ratio, seed)
+        merged = merge_near_duplicates(fluent)
     finally:
         module.train(was_training)
     by_source: dict[str, list[Candidate]] = {}
