@@ -238,7 +238,12 @@ def test_dataset_from_the_config_categories_without_a_user_loader(api_trainer, t
     api_trainer._user_texts = {}
     records = api_trainer.generate_divergent_dataset(output_file=tmp_path / "ds.jsonl")
     # The strategies of config.generation propose the candidates, as in `soft_prompting.train`.
-    sources = {"category_text", "soft_prompt_exploration", "projection_search"}
+    sources = {
+        "category_text",
+        "soft_prompt_exploration",
+        "contrastive_exploration",
+        "projection_search",
+    }
     assert len(records) == 4 and {r["source"] for r in records} <= sources
     assert (tmp_path / "ds.jsonl").is_file() and (tmp_path / "ds.pt").is_file()
     given = api_trainer.generate_divergent_dataset(
