@@ -97,3 +97,13 @@ def test_streams_draw_fresh_samples_and_a_seed_repeats_them(pair):
     assert gaps == [r["paired_samples"]["llr_gap"] for r in again]
     assert gaps != [r["paired_samples"]["llr_gap"] for r in fresh]
     assert noise_seed(0, "select", 0) != noise_seed(0, "confirm", 0)
+
+
+def test_an_int_temperature_samples_like_the_float(pair):
+    """``temperature=1`` (an int, as a Python caller writes it) is the same setting as ``1.0``."""
+    as_int = SamplingSettings(max_length=4, num_generations_per_prompt=2, temperature=1, top_p=1)
+    as_float = SamplingSettings(max_length=4, num_generations_per_prompt=2, temperature=1.0)
+    for a, b in zip(
+        paired_generate(pair, PROMPTS, as_int, seed=3), paired_generate(pair, PROMPTS, as_float, seed=3)
+    ):
+        assert torch.equal(a.tokens, b.tokens)

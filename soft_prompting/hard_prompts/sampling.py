@@ -63,6 +63,11 @@ class SamplingSettings:
     top_p: float = 1.0
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        # transformers' warpers reject an int temperature (``temperature=1``): store floats.
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
     @classmethod
     def from_config(cls, generation) -> SamplingSettings:
         """The sampling part of a :class:`~soft_prompting.config.GenerationConfig`."""
