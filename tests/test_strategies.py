@@ -104,6 +104,12 @@ def test_cut_ends_the_prompt_at_the_divergence_peak(module):
     assert peak == pytest.approx(float(values[1:].max()), rel=1e-5)
 
 
+def test_a_text_without_any_divergence_is_kept_whole(identical):
+    """Identical models diverge nowhere: no peak to cut at, so no two-token stubs."""
+    texts = ["the cat sat on the mat", "what is one plus two"]
+    assert cut_at_divergence_peak(identical, texts) == [(text, 0.0) for text in texts]
+
+
 def tiny_strategies() -> list:
     return [
         CategoryTextRanking(num_candidates=3),

@@ -116,7 +116,11 @@ def cut_at_divergence_peak(
             continue
         masked = torch.where(allowed, values, torch.full_like(values, -float("inf")))
         peak = int(masked.argmax())
-        if first_within < 1.0:
+        if masked[peak] <= 0:
+            # No divergence anywhere (e.g. identical models): no peak to cut at, keep the text
+            # whole rather than its first tokens (which would merge into a handful of stubs).
+            peak = int(allowed.nonzero()[-1])
+        elif first_within < 1.0:
             peak = int((masked >= first_within * masked[peak]).nonzero()[0])
         prompt = tokenizer.decode(ids[: peak + 1], skip_special_tokens=True).strip()
         cut.append((prompt, float(values[peak])))
