@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from soft_prompting.organisms.tiny import SPECIAL_TOKENS, random_llama, word_tokenizer
+
 MODELS: dict[str, dict] = {
     "tiny": dict(
         num_hidden_layers=2,
@@ -151,50 +153,31 @@ def preset_settings(preset: str, device: str) -> Settings:
 # ---------------------------------------------------------------------------- the pair
 def synthetic_tokenizer(vocab_size: int):
     """A word-level tokenizer over ``w0 w1 …`` with pad/unk/bos/eos = 0/1/2/3 (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    words = [f"w{i}" for i in range(vocab_size - len(specials))]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, "<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=1 << 20,
-        padding_side="left",
-    )
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    return word_tokenizer(words, model_max_length=1 << 20, padding_side="left")
 
 
 def build_pair(settings: Settings, dtype: torch.dtype | None = None):
     """Two random-init Llamas (seeds 1 and 2) of the preset, frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from soft_prompting.pair.loading import ModelPair
 
     dtype = dtype or getattr(torch, settings.dtype)
-    config = LlamaConfig(
-        **MODELS[settings.preset],
-        max_position_embeddings=4096,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
     models = []
     for seed in (1, 2):
-        torch.manual_seed(seed)
-        with torch.device(settings.device):  # random init right on the device: fast for 7B
-            try:
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            except TypeError:  # transformers < 4.56 names it torch_dtype
-                model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        # Random init right on the device: fast for 7B.
+        model = random_llama(
+            seed,
+            **MODELS[settings.preset],
+            max_position_embeddings=4096,
+            dtype=dtype,
+            device=settings.device,
+        )
         model.requires_grad_(False)
         model.eval()
         models.append(model)
-    return ModelPair(models[0], models[1], synthetic_tokenizer(config.vocab_size))
+    return ModelPair(
+        models[0], models[1], synthetic_tokenizer(MODELS[settings.preset]["vocab_size"])
+    )
 
 
 def training_batch(settings: Settings, vocab_size: int) -> dict:

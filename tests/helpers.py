@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from soft_prompting.organisms.tiny import random_llama, word_tokenizer
+
 WORDS = (
     "the a cat dog sat on mat question answer what is plus minus one two three four five six "
     "seven eight nine ten i am helpful assistant like to read books stealing wrong because it "
@@ -18,41 +20,13 @@ WORDS = (
 
 
 def make_tokenizer(extra_words: tuple[str, ...] = ()):
-    """A real word-level fast tokenizer (bos/eos/pad/unk) over a small vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + list(WORDS) + list(extra_words))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=128,
-    )
+    """A real word-level fast tokenizer (bos/eos/pad/unk) over ``WORDS`` and ``extra_words``."""
+    return word_tokenizer([*WORDS, *extra_words])
 
 
 def make_model(seed: int, vocab_size: int, hidden_size: int = 32, num_layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
+    """A random tiny Llama (the package's builder, shared with the benchmark)."""
+    return random_llama(seed, vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers)
 
 
 def save_pair_member(directory: Path, seed: int, tokenizer=None, hidden_size: int = 32) -> Path:
