@@ -164,7 +164,8 @@ def run_evaluation(config: CompareConfig, category: str, job_dir: Path) -> dict:
     """``python -m soft_prompting.evaluate`` on the category's dataset, if that module exists.
 
     It runs as its own process (its models are freed when it exits) through its command-line
-    contract: ``prompts_file=...``, the model pair, the data source and ``hydra.run.dir``.
+    contract: ``prompts_file=...``, the model pair, the data source, the accelerator and
+    ``hydra.run.dir``.
     """
     if not config.evaluate:
         return {"status": "skipped", "note": "evaluate=false"}
@@ -187,6 +188,7 @@ def run_evaluation(config: CompareConfig, category: str, job_dir: Path) -> dict:
         *to_overrides({"model_pair": dataclasses.asdict(config.model_pair)}),
         *to_overrides({"data": {k: v for k, v in data.items() if v is not None}}),
         f"seed={config.seed}",
+        f"training.accelerator={config.training.accelerator}",  # the same device as training
         f"hydra.run.dir={job_dir / run_files.EVALUATION}",
     ]
     print(f"[compare] category {category!r}: evaluating")

@@ -102,6 +102,14 @@ def _choice(enum: type[Choice], value: Any, key: str) -> Choice | None:
         ) from None
 
 
+def _auto_or_bool(value: Any, key: str) -> bool | str:
+    """``auto``, or a boolean as the command line (true/false) or a YAML file (True) spells it."""
+    spelled = str(value).strip().lower()
+    if spelled in ("auto", "true", "false"):
+        return {"true": True, "false": False}.get(spelled, "auto")
+    raise ConfigError(f"{key}={value!r}: use auto, true or false")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -196,8 +204,10 @@ class TrainingConfig:
     """Adam weight decay on the soft prompt."""
     gradient_clip_val: float = 1.0
     """Clip the soft prompt's gradient norm (0 disables)."""
-    mixed_precision: bool = False
-    """Autocast the frozen pair: bf16-mixed where supported, else 16-mixed (GPU)."""
+    mixed_precision: Any = "auto"
+    """Autocast the frozen pair's forward: auto (bf16 on a GPU with bf16 and on a CPU with native
+    bf16, AVX512-BF16 or AMX; fp32 elsewhere), true (bf16, or fp16 on a GPU without bf16) or false
+    (fp32). The divergence is computed in fp32 either way."""
     gradient_checkpointing: bool = False
     """Recompute the frozen models' activations in backward: less memory, ~30% more compute."""
     compile: bool = False
@@ -225,6 +235,7 @@ class TrainingConfig:
     """Tokens sampled per text for the on-policy term."""
 
     def __post_init__(self) -> None:
+        self.mixed_precision = _auto_or_bool(self.mixed_precision, "training.mixed_precision")
         _require(
             self.num_soft_prompt_tokens >= 1,
             f"training.num_soft_prompt_tokens={self.num_soft_prompt_tokens}: needs at least 1 "

@@ -64,6 +64,7 @@ from soft_prompting.maths.significance import (
     ratio_of_means_ci,
     sign_flip_p_values,
 )
+from soft_prompting.pair.placement import resolve_device
 from soft_prompting.run_files import environment, read_records, write_json, write_jsonl
 
 BASELINES: dict[str, str] = {
@@ -86,7 +87,8 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """The category texts the baselines start from."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    """Only ``num_soft_prompt_tokens`` is used: the untrained soft prompt's length."""
+    """Only ``num_soft_prompt_tokens`` (the untrained soft prompt's length) and ``accelerator``
+    (where the pair is scored) are used."""
     prompts_file: str = MISSING
     """The prompts: .jsonl or .pt records with a ``prompt`` field, or .txt one prompt a line."""
     soft_prompt_checkpoint: str | None = None
@@ -138,7 +140,8 @@ register_configs()
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """``{"prompt", "category", "source", "pre_score"}`` rows of a prompts file.
+    """``{"prompt", "category", "source", "pre_score"}`` rows of a prompts file (plus
+    ``soft_prompt_index`` where a record has it).
 
     ``pre_score`` is the score the prompt was selected by: a dataset record's
     ``metrics.kl_divergence``, else its ``pre_score``, else None. Raises a clear DataError.
@@ -172,6 +175,8 @@ def read_prompts(path: str | Path) -> list[dict]:
                 "category": str(record.get("category", "prompts_file")),
                 "source": str(record.get("source", "prompts_file")),
                 "pre_score": float(pre_score) if isinstance(pre_score, (int, float)) else None,
+                # Which trained prompt found it (training.num_prompts); datasets without it pass.
+                **{k: record[k] for k in ("soft_prompt_index",) if k in record},
             }
         )
     if not rows:
@@ -251,8 +256,12 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     module = DivergenceModule(
-        **pair_args, num_soft_prompt_tokens=config.training.num_soft_prompt_tokens, seed=config.seed
+        **pair_args,
+        num_soft_prompt_tokens=config.training.num_soft_prompt_tokens,
+        seed=config.seed,
+        pair_device=str(resolve_device(config.training.accelerator)),
     ).eval()
+    print(f"evaluating on {module.pair.device} ({module.pair.model_1.dtype})")
     select = SamplingSettings.from_config(config.generation)
     confirm = dataclasses.replace(select, num_generations_per_prompt=config.confirm_generations)
     provenance = {
@@ -413,13 +422,14 @@ def teacher_forced_divergence(module, texts: list[str], prompt=None, batch_size:
     tokenizer.padding_side = "left"
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+        n = int(batch["attention_mask"].sum())
+        batch = batch.to(module.pair.device)  # where the pair is, quantised pairs included
         value = module.divergence(
             batch["input_ids"],
             batch["attention_mask"],
             use_prompt=prompt is not None,
             prompt=prompt,
         )
-        n = int(batch["attention_mask"].sum())
         total, count = total + float(value) * n, count + n
     return total / max(count, 1)
 

@@ -72,6 +72,9 @@ def train_tiny_pair(run_dir: Path, pair_dirs, text_dir, *extra: str, accelerator
         "training.batch_size=6",  # the global batch: 3 texts per rank with two ranks
         "training.max_steps=3",
         f"training.accelerator={accelerator}",
+        # The tests compare prompts across runs (ranks, strategies): fp32 on every machine, since
+        # mixed_precision=auto would pick bf16 only on CPUs and GPUs that have it.
+        "training.mixed_precision=false",
         "write_dataset=false",
         f"hydra.run.dir={run_dir}",
         *extra,

@@ -29,6 +29,7 @@ def test_the_trained_prompt_beats_no_prompt_and_the_untrained_prompt(tmp_path):
                 "training.max_steps=12",
                 "training.batch_size=16",
                 "training.accelerator=cpu",
+                "training.mixed_precision=false",  # compared with a fp32 validation below
                 "write_dataset=false",
             ],
         )

@@ -28,6 +28,7 @@ from transformers import (
 
 from soft_prompting.errors import ModelLoadError
 from soft_prompting.organisms import builder as organisms
+from soft_prompting.pair.placement import cuda_has_bf16, resolve_device
 from soft_prompting.pair.sharding import layer_device_map
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,13 @@ class ModelPair:
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    """``auto`` is bfloat16 on a GPU that computes it in hardware and float32 elsewhere (the CPU
+    included: there ``training.mixed_precision`` decides whether the forward runs in bf16)."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and cuda_has_bf16(device) else torch.float32
     if name not in _DTYPES:
         raise ModelLoadError(f"torch_dtype={name!r}: use auto, {', '.join(_DTYPES)}")
     on_cuda = torch.device(device).type == "cuda"
@@ -185,8 +187,9 @@ class ModelPairManager:
     """Loads and caches frozen model pairs.
 
     Args:
-        device: where the models live (``cpu``, ``cuda``, ``cuda:1``); ignored for quantised models,
-            which bitsandbytes places itself.
+        device: where the models live: ``auto`` (the best device here, see
+            :func:`~soft_prompting.pair.placement.resolve_device`), ``cpu``, ``cuda``, ``cuda:1``;
+            quantised models go on a CUDA device, which bitsandbytes places them on.
         torch_dtype: ``auto``, a dtype name, or a ``torch.dtype``.
         load_in_8bit: quantise both models to 8 bits (bitsandbytes, CUDA).
         load_in_4bit: quantise both models to 4 bits, NF4 (bitsandbytes, CUDA).
@@ -200,7 +203,7 @@ class ModelPairManager:
 
     def __init__(
         self,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         torch_dtype: str | torch.dtype = "auto",
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
@@ -222,6 +225,9 @@ class ModelPairManager:
             )
         if device_map:
             device = "cuda:0"  # where the split puts embeddings and heads, so the soft prompt too
+        elif device in ("auto", "gpu"):
+            # Quantised on a machine without CUDA: "cpu", and _quantization_config says why not.
+            device = resolve_device(device)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as err:

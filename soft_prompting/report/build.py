@@ -73,7 +73,7 @@ class ReportConfig:
     semantic: str = "auto"
     """Semantic similarity of the generations: auto, hidden_states, minilm or none."""
     device: str = "auto"
-    """Where the pair runs: auto (cuda if available), cpu, cuda."""
+    """Where the pair runs: auto (the best device here, as ``training.accelerator=auto``), cpu, cuda."""
     top_k: int = 8
     """Hard prompts shown side by side."""
     max_records: int = 5000
@@ -225,18 +225,15 @@ def training_logs(run_dir: Path, comparison: dict | None) -> dict[str, list[dict
 
 def load_pair(config: dict, device: str):
     """The run's model pair, or None (with the reason logged) when it cannot be loaded."""
-    import torch
-
     from soft_prompting.pair.loading import ModelPairManager
+    from soft_prompting.pair.placement import resolve_device
 
     pair_config = config.get("model_pair") or {}
     if not pair_config.get("model_1_name") or not pair_config.get("model_2_name"):
         return None, "the run's config names no model pair"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         manager = ModelPairManager(
-            device=device,
+            device=resolve_device(device),
             torch_dtype=pair_config.get("torch_dtype") or "auto",
             load_in_8bit=bool(pair_config.get("load_in_8bit")),
             load_in_4bit=bool(pair_config.get("load_in_4bit")),

@@ -2,7 +2,7 @@
 
     from soft_prompting import DivergenceTrainer, ModelPairManager
 
-    model_1, model_2, tokenizer = ModelPairManager(device="cpu").load_model_pair(name_1, name_2)
+    model_1, model_2, tokenizer = ModelPairManager().load_model_pair(name_1, name_2)
     trainer = DivergenceTrainer(model_1=model_1, model_2=model_2, tokenizer=tokenizer,
                                 config=config)
     trainer.train(train_dataloader)
@@ -88,6 +88,9 @@ class DivergenceTrainer:
         self.trainer_kwargs = trainer_kwargs
         pl.seed_everything(self.config.seed, workers=True)  # the prompt's random initialisation
         self.module = DivergenceModule(**pipeline.module_args(self.config), pair=pair)
+        # Models the user loaded go where training.accelerator says, as a pair loaded by name does
+        # (a quantised or dispatched pair stays where it was put); the prompt goes with them.
+        self.module.to(self.module.pair.to(pipeline.pair_device(self.config)).device)
         self.lightning_trainer: pl.Trainer | None = None
         self._datamodule: CategoryTextDataModule | None = None
         self._user_texts: dict[str, list[str]] = {}

@@ -71,6 +71,10 @@ class DivergenceModule(pl.LightningModule):
             soft-prompted continuations (0: off).
         on_policy_tokens: tokens sampled per text for that term.
         pair: an already loaded pair to use instead of loading by name (not saved in checkpoints).
+        pair_device: where a pair loaded by name goes: ``auto`` (the best device here), ``cpu``,
+            ``cuda:N`` … (see :func:`~soft_prompting.pair.placement.resolve_device`; quantised and
+            ``device_map`` pairs place themselves). Not saved: a checkpoint opens wherever it is
+            loaded.
     """
 
     def __init__(
@@ -97,14 +101,14 @@ class DivergenceModule(pl.LightningModule):
         on_policy_weight: float = 0.0,
         on_policy_tokens: int = 8,
         pair: ModelPair | None = None,
+        pair_device: str = "auto",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["pair"])
+        self.save_hyperparameters(ignore=["pair", "pair_device"])
         self.divergence_fn = get_divergence(divergence)
         if pair is None:
-            device = "cuda" if (load_in_8bit or load_in_4bit or device_map) else "cpu"
             pair = ModelPairManager(
-                device=device,
+                device=pair_device,
                 torch_dtype=torch_dtype,
                 load_in_8bit=load_in_8bit,
                 load_in_4bit=load_in_4bit,
@@ -220,7 +224,8 @@ class DivergenceModule(pl.LightningModule):
         mask = attention_mask
         if prompt is not None:
             batch, n_virtual = input_ids.shape[0], prompt.shape[0]
-            prompt_embeds = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            prompt = prompt.to(embeds.device, embeds.dtype)  # a prompt read from a file: CPU
+            prompt_embeds = prompt.unsqueeze(0).expand(batch, -1, -1)
             embeds = torch.cat([prompt_embeds, embeds], dim=1)
             mask = torch.cat([mask.new_ones(batch, n_virtual), mask], dim=1)
         # Positions count real tokens only, so padding never shifts the text's positions.

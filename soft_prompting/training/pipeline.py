@@ -26,6 +26,7 @@ from soft_prompting.errors import ConfigError, Interrupted, RunDirError
 from soft_prompting.hard_prompts.dataset import fit_prompts_to_context, generate_divergent_dataset
 from soft_prompting.hard_prompts.sampling import SamplingSettings
 from soft_prompting.hard_prompts.strategies import build_strategies
+from soft_prompting.pair.placement import lightning_precision, resolve_device
 from soft_prompting.tracking import build_loggers
 from soft_prompting.training.module import DivergenceModule, check_same_pair
 
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 
 def module_args(config: TrainConfig) -> dict:
     """The module's plain hyperparameters (what its checkpoint saves): the config's Enums become
-    their strings, so a checkpoint loads with ``weights_only=True`` and without this package."""
+    their strings, so a checkpoint loads with ``weights_only=True`` and without this package.
+    Also where the pair is loaded (``pair_device``, not saved): on the device the trainer runs."""
     pair, t = vars(config.model_pair), config.training
     return plain({k: v for k, v in pair.items() if k != "description"}) | {
+        "pair_device": str(pair_device(config)),
         "seed": config.seed,
         "num_soft_prompt_tokens": t.num_soft_prompt_tokens,
         "learning_rate": t.learning_rate,
@@ -154,14 +157,18 @@ def resolve_strategy(name):
     return ModelParallelStrategy(save_distributed_checkpoint=False)
 
 
-def precision(config: TrainConfig) -> str:
-    if not config.training.mixed_precision:
-        return "32-true"
-    import torch
+def pair_device(config: TrainConfig) -> torch.device:
+    """Where the frozen pair of this run lives (``training.accelerator``, ``strategy``,
+    ``devices``): see :func:`~soft_prompting.pair.placement.resolve_device`."""
+    t = config.training
+    return resolve_device(t.accelerator, t.strategy, t.devices)
 
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return "16-mixed"
-    return "bf16-mixed"
+
+def precision(config: TrainConfig) -> str:
+    """Lightning's precision for ``training.mixed_precision`` on the run's device: ``auto`` is
+    bf16 autocast where the hardware has bf16 (see :func:`~soft_prompting.pair.placement.autocast_dtype`)."""
+    device = resolve_device(config.training.accelerator)
+    return lightning_precision(config.training.mixed_precision, device)
 
 
 def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
