@@ -1,0 +1,46 @@
+"""Pure tensor maths: which vocabulary rows a fine-tune moved (the white-box prior).
+
+When both models of a pair expose input embeddings and output heads of the same shape, the rows of
+the tokens the fine-tune was about move most: a planted trigger word is read in a new context
+(its input row) and written far more often than before (its output row). Ranking tokens by how far
+their rows moved recovered planted triggers in a public trojan-detection competition.
+
+Shapes: weight matrices are ``[V, H]`` (one row per token); scores are ``[V]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_shift(weight_1: torch.Tensor, weight_2: torch.Tensor) -> torch.Tensor:
+    """How far each token's row moved, in units of the matrix's typical move.
+
+    Each row's Euclidean distance ``||w2[v] - w1[v]||`` divided by the root mean square of those
+    distances over the rows: the scale of a matrix (embedding vs output head, a model's init) does
+    not matter, so several matrices can be summed. An unchanged matrix gives zeros.
+
+    Args:
+        weight_1: ``[V, H]`` rows of model_1 (any float dtype).
+        weight_2: ``[V, H]`` the same matrix of model_2.
+
+    Returns:
+        ``[V]`` fp32 non-negative shifts (mean square 1 unless every row is unchanged).
+    """
+    if weight_1.shape != weight_2.shape:
+        raise ValueError(
+            f"row_shift: shapes differ, {tuple(weight_1.shape)} vs {tuple(weight_2.shape)}"
+        )
+    distance = (weight_2.float() - weight_1.float()).norm(dim=-1)
+    scale = distance.square().mean().sqrt()
+    if scale == 0:
+        return distance
+    return distance / scale
+
+
+def changed_rows_score(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sum of :func:`row_shift` over ``(model_1 matrix, model_2 matrix)`` pairs (``[V, H]`` each,
+    the same ``V``): e.g. the input embeddings and the output heads. Returns ``[V]`` fp32."""
+    if not pairs:
+        raise ValueError("changed_rows_score: no matrices to compare")
+    return torch.stack([row_shift(a, b) for a, b in pairs]).sum(0)
