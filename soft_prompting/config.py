@@ -233,6 +233,10 @@ class TrainingConfig:
     """Weight of the divergence on model_1's own soft-prompted samples (score-function; 0: off)."""
     on_policy_tokens: int = 8
     """Tokens sampled per text for the on-policy term."""
+    num_prompts: int = 1
+    """Soft prompts trained together, in one batched pass over the pair (each finds its own difference)."""
+    diversity_weight: float = 1.0
+    """With num_prompts > 1: weight of the penalty on prompts peaking on the same texts (maths/diversity.py)."""
 
     def __post_init__(self) -> None:
         self.mixed_precision = _auto_or_bool(self.mixed_precision, "training.mixed_precision")
@@ -293,6 +297,20 @@ class TrainingConfig:
             and _finite(self.on_policy_weight)
             and self.on_policy_tokens >= 1,
             "training.on_policy_weight must be >= 0 and training.on_policy_tokens >= 1",
+        )
+        _require(
+            self.num_prompts >= 1,
+            f"training.num_prompts={self.num_prompts}: must be >= 1 (1: a single soft prompt)",
+        )
+        _require(
+            self.diversity_weight >= 0 and _finite(self.diversity_weight),
+            f"training.diversity_weight={self.diversity_weight}: must be a finite number >= 0 "
+            "(0: no diversity term)",
+        )
+        _require(
+            self.num_prompts == 1 or self.on_policy_weight == 0,
+            f"training.on_policy_weight={self.on_policy_weight} works with one prompt only: set "
+            "training.num_prompts=1 or training.on_policy_weight=0",
         )
         _require(
             self.checkpoint_every_n_steps >= 1,

@@ -317,9 +317,10 @@ def read_checkpoint(path: str | Path) -> dict:
             f"nothing in it was run: {fix}"
         ) from None
     prompt = state.get("state_dict", {}).get("soft_prompt") if isinstance(state, dict) else None
-    if not isinstance(prompt, torch.Tensor) or prompt.ndim != 2:
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim not in (2, 3):
         raise ModelLoadError(
-            f"checkpoint {path} holds no soft prompt (state_dict.soft_prompt, a 2-D tensor): {fix}"
+            f"checkpoint {path} holds no soft prompt (state_dict.soft_prompt, a 2-D tensor, or "
+            f"3-D for several prompts): {fix}"
         )
     return state
 

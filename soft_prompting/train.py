@@ -54,6 +54,11 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, float]:
             f"{metrics['val/divergence']:.4f} with the soft prompt, "
             f"{metrics['val/divergence_no_prompt']:.4f} without"
         )
+        if config.training.num_prompts > 1:  # val/divergence is then the prompts' mean
+            each = [
+                metrics[f"val/divergence_prompt_{k}"] for k in range(config.training.num_prompts)
+            ]
+            print("per prompt: " + ", ".join(f"{value:.4f}" for value in each))
         if config.write_dataset and config.training.strategy == "fsdp":
             print(sharded_dataset_hint(run_dir))
         elif config.write_dataset:

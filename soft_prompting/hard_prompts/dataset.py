@@ -334,6 +334,7 @@ def generate_divergent_dataset(
                 "prompt_nll": c.prompt_nll,
                 "reference_nll": c.reference_nll,
                 "round": c.round,
+                "soft_prompt_index": c.soft_prompt_index,
             }
             for c in proposed
         ]

@@ -53,6 +53,9 @@ class Candidate:
     """The category texts' median per-token NLL under model_1, no soft prompt (the yardstick)."""
     round: int = 1
     """The proposal round that found it (``generation.rounds``; 2+: refined from round 1)."""
+    soft_prompt_index: int | None = None
+    """Which trained soft prompt produced it (``training.num_prompts``); None: a strategy that
+    uses no soft prompt."""
 
 
 # ---------------------------------------------------------------------------- shared measurements
@@ -234,7 +237,7 @@ def sample_continuations(
     pair = module.pair
     model_b = pair.model_2 if side == "model_2" else pair.model_1
     model_a = pair.model_1 if side == "model_2" else pair.model_2
-    prompt = module.soft_prompt.detach() if use_prompt else None
+    prompt = module.active_prompt.detach() if use_prompt else None
     device = input_ids.device
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(0)
@@ -296,6 +299,11 @@ class SoftPromptExploration:
     use_soft_prompt: bool = True
     cut_first_within: float = 0.5
     source: str = "soft_prompt_exploration"
+
+    @property
+    def uses_soft_prompt(self) -> bool:
+        """Run once per trained prompt (see :func:`propose_candidates`)."""
+        return self.use_soft_prompt
 
     def propose(self, module, texts_by_category: dict[str, list[str]], seed: int = 0):
         per_category = max(1, -(-self.num_seeds // max(1, len(texts_by_category))))
@@ -545,6 +553,8 @@ class ProjectionSearch:
     min_prompt_tokens: int = 2
     plausible_top_k: int | None = 64
     source: str = "projection_search"
+    uses_soft_prompt = True
+    """Run once per trained prompt (see :func:`propose_candidates`)."""
 
     def propose(self, module, texts_by_category: dict[str, list[str]], seed: int = 0):
         pair = module.pair
@@ -552,7 +562,7 @@ class ProjectionSearch:
         embeddings = pair.model_1.get_input_embeddings().weight[: pair.vocab_size].detach()
         starts = [
             project_to_tokens(
-                module.soft_prompt.detach(), embeddings, allowed.to(embeddings.device)
+                module.active_prompt.detach(), embeddings, allowed.to(embeddings.device)
             )
         ]
         length = len(starts[0])
@@ -736,15 +746,14 @@ def propose_candidates(
     was_training = module.training
     module.eval()
     try:
-        proposed = [c for s in strategies for c in s.propose(module, texts_by_category, seed)]
+        proposed = _propose_per_prompt(strategies, module, texts_by_category, seed)
         for number in range(2, rounds + 1):
             texts = refinement_texts(module, proposed)
             log.info("round %d: %d starting texts", number, sum(map(len, texts.values())))
             if texts:
                 proposed += [
                     dataclasses.replace(c, round=number)
-                    for s in strategies
-                    for c in s.propose(module, texts, seed + number)
+                    for c in _propose_per_prompt(strategies, module, texts, seed + number)
                 ]
         # The cap before the merge: a disfluent near-duplicate must not win the merge and then
         # take its fluent twin out with it when the cap drops it.
@@ -755,13 +764,46 @@ def propose_candidates(
     by_source: dict[str, list[Candidate]] = {}
     for candidate in merged:
         by_source.setdefault(candidate.source, []).append(candidate)
+    # Within a strategy, the trained prompts take turns too: each prompt's finds reach the
+    # dataset, whichever prompt pre-scores highest (one prompt: the strategy's own order).
+    return _round_robin([_by_prompt(queue) for queue in by_source.values()], limit)
+
+
+def _round_robin(queues: list[list[Candidate]], limit: int | None = None) -> list[Candidate]:
+    """One from each queue in turn (each keeps its order) until ``limit`` or all are empty."""
+    queues = [list(queue) for queue in queues]
     picked: list[Candidate] = []
-    queues = list(by_source.values())
-    while len(picked) < limit and any(queues):
+    while (limit is None or len(picked) < limit) and any(queues):
         for queue in queues:
-            if queue and len(picked) < limit:
+            if queue and (limit is None or len(picked) < limit):
                 picked.append(queue.pop(0))
     return picked
+
+
+def _by_prompt(candidates: list[Candidate]) -> list[Candidate]:
+    """One strategy's candidates, the soft prompts that produced them taking turns."""
+    groups: dict[int | None, list[Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(candidate.soft_prompt_index, []).append(candidate)
+    return _round_robin(list(groups.values()))
+
+
+def _propose_per_prompt(strategies: list, module, texts: dict[str, list[str]], seed: int):
+    """Every strategy's candidates; one that uses the soft prompt (``uses_soft_prompt``) runs
+    once per trained prompt (``training.num_prompts``), each candidate tagged with the prompt's
+    index. Every prompt gets the same seed, so their candidates differ only by the prompt."""
+    proposed: list[Candidate] = []
+    for strategy in strategies:
+        if not getattr(strategy, "uses_soft_prompt", False):
+            proposed += strategy.propose(module, texts, seed)
+            continue
+        for index in range(getattr(module, "num_prompts", 1)):
+            with module.using_prompt(index):
+                proposed += [
+                    dataclasses.replace(c, soft_prompt_index=index)
+                    for c in strategy.propose(module, texts, seed)
+                ]
+    return proposed
 
 
 def build_strategies(specs: list) -> list:

@@ -24,6 +24,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,8 +33,9 @@ from safetensors.torch import save_file
 
 from soft_prompting import run_files
 from soft_prompting.errors import DivergenceError, ModelLoadError
-from soft_prompting.maths.chunked_head import chunked_head_divergence
+from soft_prompting.maths.chunked_head import chunked_head_divergence, chunked_head_divergences
 from soft_prompting.maths.divergence import get_divergence, masked_mean
+from soft_prompting.maths.diversity import diversity_penalty
 from soft_prompting.pair.loading import ModelPair, ModelPairManager
 from soft_prompting.pair.sharding import shard_pair
 
@@ -70,6 +72,12 @@ class DivergenceModule(pl.LightningModule):
         on_policy_weight: weight of :meth:`on_policy_divergence`, the divergence on model_1's own
             soft-prompted continuations (0: off).
         on_policy_tokens: tokens sampled per text for that term.
+        num_prompts: soft prompts trained together (``K``). With ``K > 1`` the prompt is a
+            ``[K, P, H]`` parameter, each batch is replicated over the K prompts inside one forward
+            of each frozen model, and the loss is ``-mean_k D_k + diversity_weight *``
+            :func:`~soft_prompting.maths.diversity.diversity_penalty` of their per-text
+            divergences. ``K = 1`` keeps the ``[P, H]`` prompt and the single-prompt code path.
+        diversity_weight: weight of that penalty (used only when ``num_prompts > 1``).
         pair: an already loaded pair to use instead of loading by name (not saved in checkpoints).
         pair_device: where a pair loaded by name goes: ``auto`` (the best device here), ``cpu``,
             ``cuda:N`` … (see :func:`~soft_prompting.pair.placement.resolve_device`; quantised and
@@ -100,6 +108,8 @@ class DivergenceModule(pl.LightningModule):
         seed: int = 0,
         on_policy_weight: float = 0.0,
         on_policy_tokens: int = 8,
+        num_prompts: int = 1,
+        diversity_weight: float = 1.0,
         pair: ModelPair | None = None,
         pair_device: str = "auto",
     ) -> None:
@@ -131,6 +141,8 @@ class DivergenceModule(pl.LightningModule):
         embeddings = pair.model_1.get_input_embeddings().weight.detach().float()
         norms = embeddings[: pair.vocab_size].norm(dim=-1)
         self.register_buffer("norm_range", torch.stack([norms.min(), norms.max()]))
+        # Which of several prompts the hard-prompt strategies use (see :meth:`using_prompt`).
+        self._prompt_index = 0
         self.soft_prompt = torch.nn.Parameter(self._initial_prompt(embeddings))
 
     # ------------------------------------------------------------------ construction
@@ -141,11 +153,49 @@ class DivergenceModule(pl.LightningModule):
             if not ids:
                 raise ValueError(f"init_text={hp.init_text!r} tokenizes to nothing")
             ids = (ids * n)[:n]
-            return embeddings[ids].clone()
+            # Several prompts all start from the text; the ordered diversity term parts them.
+            return self._stack_prompts([embeddings[ids].clone()] * self.num_prompts)
         generator = torch.Generator().manual_seed(hp.seed)
         # Random real-token embeddings: the right scale and a start inside the embedding manifold.
-        ids = torch.randint(0, self.pair.vocab_size, (n,), generator=generator)
-        return embeddings[ids].clone()
+        # Prompt 0 draws first, so it starts where a single prompt of this seed starts.
+        draws = [
+            torch.randint(0, self.pair.vocab_size, (n,), generator=generator)
+            for _ in range(self.num_prompts)
+        ]
+        return self._stack_prompts([embeddings[ids].clone() for ids in draws])
+
+    @staticmethod
+    def _stack_prompts(prompts: list[torch.Tensor]) -> torch.Tensor:
+        """``[P, H]`` for one prompt (the layout of every single-prompt checkpoint), else
+        ``[K, P, H]``."""
+        return prompts[0] if len(prompts) == 1 else torch.stack(prompts)
+
+    @property
+    def num_prompts(self) -> int:
+        """Soft prompts trained together (checkpoints from before the option hold one)."""
+        return int(self.hparams.get("num_prompts", 1))
+
+    @property
+    def prompts(self) -> torch.Tensor:
+        """``[K, P, H]``: the trained prompts (a view of :attr:`soft_prompt`, also for K = 1)."""
+        return self.soft_prompt if self.soft_prompt.dim() == 3 else self.soft_prompt.unsqueeze(0)
+
+    @property
+    def active_prompt(self) -> torch.Tensor:
+        """``[P, H]``: the prompt the hard-prompt strategies use now (prompt 0 unless
+        :meth:`using_prompt` picked another)."""
+        return self.prompts[self._prompt_index]
+
+    @contextmanager
+    def using_prompt(self, index: int):
+        """Within the block, :attr:`active_prompt` is prompt ``index`` (strategies run per prompt)."""
+        if not 0 <= index < self.num_prompts:
+            raise IndexError(f"prompt {index} of {self.num_prompts}")
+        previous, self._prompt_index = self._prompt_index, index
+        try:
+            yield self
+        finally:
+            self._prompt_index = previous
 
     @property
     def tokenizer(self):
@@ -172,8 +222,9 @@ class DivergenceModule(pl.LightningModule):
             raise ModelLoadError(
                 f"the checkpoint's soft prompt has shape {tuple(saved.shape)} (virtual tokens, "
                 f"hidden size) but this run needs {tuple(self.soft_prompt.shape)}: it comes from "
-                "another model pair or prompt length; resume with a checkpoint of this pair and "
-                "training.num_soft_prompt_tokens, or drop ckpt_path to start fresh"
+                "another model pair, prompt length or number of prompts; resume with a checkpoint "
+                "of this pair, training.num_soft_prompt_tokens and training.num_prompts, or drop "
+                "ckpt_path to start fresh"
             )
 
     def _sync_pair_device(self) -> None:
@@ -223,9 +274,13 @@ class DivergenceModule(pl.LightningModule):
         embeds = model.get_input_embeddings()(input_ids)
         mask = attention_mask
         if prompt is not None:
-            batch, n_virtual = input_ids.shape[0], prompt.shape[0]
             prompt = prompt.to(embeds.device, embeds.dtype)  # a prompt read from a file: CPU
-            prompt_embeds = prompt.unsqueeze(0).expand(batch, -1, -1)
+            if prompt.dim() == 3:  # K prompts: the batch once per prompt, prompt k on rows k*B…
+                embeds, mask = embeds.repeat(len(prompt), 1, 1), mask.repeat(len(prompt), 1)
+                prompt_embeds = prompt.repeat_interleave(input_ids.shape[0], dim=0)
+            else:
+                prompt_embeds = prompt.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+            batch, n_virtual = embeds.shape[0], prompt.shape[-2]
             embeds = torch.cat([prompt_embeds, embeds], dim=1)
             mask = torch.cat([mask.new_ones(batch, n_virtual), mask], dim=1)
         # Positions count real tokens only, so padding never shifts the text's positions.
@@ -279,7 +334,13 @@ class DivergenceModule(pl.LightningModule):
 
         With plain linear heads (``self.fused_head``) the logits are computed a chunk of positions
         at a time and never exist whole; the value and gradient are those of the generic path.
+        With several prompts (``[K, P, H]``, the trained ones when ``num_prompts > 1``): the mean
+        over the prompts (see :meth:`prompt_divergences`).
         """
+        prompt = self._prompt(use_prompt, prompt)
+        if prompt is not None and prompt.dim() == 3:
+            sums, counts = self.prompt_divergences(input_ids, attention_mask, prompt)
+            return (sums.sum(-1) / counts.sum()).mean()
         if self.fused_head:
             self._sync_pair_device()
             prompt = self._prompt(use_prompt, prompt)
@@ -301,6 +362,58 @@ class DivergenceModule(pl.LightningModule):
         per_position = self.divergence_fn(logits_1, logits_2)
         return masked_mean(per_position, attention_mask.bool())
 
+    def prompt_divergences(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt's divergence on each text, from one forward of each frozen model.
+
+        The batch is replicated over the prompts inside that forward (row ``k*B + b`` is text
+        ``b`` after prompt ``k``), so K prompts cost one pass over a K-times larger batch, not K
+        passes.
+
+        Args:
+            input_ids: ``[B, L]`` left-padded text.
+            attention_mask: ``[B, L]``, 1 on real tokens.
+            prompts: ``[K, P, H]`` (default: the trained prompts, :attr:`prompts`).
+
+        Returns:
+            ``(sums, counts)``: ``[K, B]`` summed per-token divergence of each text under each
+            prompt, and ``[B]`` its real-token count. ``sums[k].sum() / counts.sum()`` is prompt
+            ``k``'s token-weighted mean (what :meth:`divergence` gives for that prompt alone);
+            ``sums / counts`` its per-text profile.
+        """
+        self._sync_pair_device()
+        prompts = self.prompts if prompts is None else prompts
+        k, batch = prompts.shape[0], input_ids.shape[0]
+        mask = attention_mask.bool()
+        replicated = mask.repeat(k, 1)
+        models = (self.pair.model_1, self.pair.model_2)
+        if self.fused_head:
+            hidden_1, hidden_2 = (
+                self._text_hidden_states(m, input_ids, attention_mask, prompts) for m in models
+            )
+            values = chunked_head_divergences(
+                hidden_1,
+                hidden_2,
+                replicated,
+                models[0].get_output_embeddings(),
+                models[1].get_output_embeddings(),
+                self.divergence_fn,
+                self.pair.vocab_size,
+            )
+            rows = replicated.nonzero()[:, 0]
+            sums = values.new_zeros(k * batch).index_add(0, rows, values)
+        else:
+            logits_1, logits_2 = (
+                self._model_logits(m, input_ids, attention_mask, prompts) for m in models
+            )
+            per_position = self.divergence_fn(logits_1, logits_2)
+            sums = torch.where(replicated, per_position, torch.zeros_like(per_position)).sum(-1)
+        return sums.view(k, batch), mask.sum(-1).to(sums.dtype)
+
     @torch.no_grad()
     def sample(
         self,
@@ -317,7 +430,7 @@ class DivergenceModule(pl.LightningModule):
         """
         self._sync_pair_device()
         model, tokenizer = self.pair.model_1, self.pair.tokenizer
-        prompt = self.soft_prompt.detach() if use_prompt else None
+        prompt = self.active_prompt.detach() if use_prompt else None
         inputs = self._model_inputs(model, input_ids, attention_mask, prompt)
         sample = temperature > 0
         out = model.generate(
@@ -379,12 +492,39 @@ class DivergenceModule(pl.LightningModule):
             shard_pair((self.pair.model_1, self.pair.model_2), root_device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.num_prompts > 1:
+            return self._several_prompts_step(batch, batch_idx)
         divergence = self.divergence(batch["input_ids"], batch["attention_mask"])
         if self.hparams.get("on_policy_weight", 0.0) > 0:
             on_policy = self.on_policy_divergence(batch["input_ids"], batch["attention_mask"])
             self.log("train/on_policy_divergence", on_policy, batch_size=len(batch["input_ids"]))
             divergence = divergence + self.hparams.on_policy_weight * on_policy
         scale, logged, _ = self._data_parallel_scale(divergence, batch["attention_mask"])
+        self._check_finite(logged, batch_idx)
+        self.log("train/divergence", logged, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return -divergence * scale
+
+    def _several_prompts_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """K prompts: ``-mean_k D_k + diversity_weight * sg(mean_k D_k) * diversity_penalty``
+        of their per-text profiles, from one forward of each frozen model
+        (:meth:`prompt_divergences`). The penalty is scale-free; multiplied by the (constant)
+        mean divergence, both terms scale alike, so one ``diversity_weight`` means the same for
+        KL and the bounded JS, and for pairs that differ a lot or little."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        sums, counts = self.prompt_divergences(ids, mask)
+        per_prompt = sums.sum(-1) / counts.sum()
+        divergence = per_prompt.mean()
+        penalty = diversity_penalty(sums / counts)
+        scale, logged, _ = self._data_parallel_scale(divergence, mask)
+        self._check_finite(logged, batch_idx)
+        self.log("train/divergence", logged, prog_bar=True, batch_size=len(ids))
+        for k, value in enumerate(per_prompt.detach()):
+            self.log(f"train/divergence_prompt_{k}", value, batch_size=len(ids))
+        self.log("train/diversity_penalty", penalty.detach(), batch_size=len(ids))
+        weight = self.hparams.get("diversity_weight", 0.0) * logged.detach()
+        return -divergence * scale + weight * penalty
+
+    def _check_finite(self, logged: torch.Tensor, batch_idx: int) -> None:
         # The global mean: a NaN on any rank stops every rank here, instead of leaving the others
         # waiting in the next collective.
         if not torch.isfinite(logged):
@@ -393,8 +533,6 @@ class DivergenceModule(pl.LightningModule):
                 "training.learning_rate, use model_pair.torch_dtype=float32, or keep "
                 f"training.norm_constraint=true; {self._last_checkpoint_note()}"
             )
-        self.log("train/divergence", logged, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return -divergence * scale
 
     def _last_checkpoint_note(self) -> str:
         """Where the last good prompt is, or that there is none (never promise a missing file)."""
@@ -432,9 +570,22 @@ class DivergenceModule(pl.LightningModule):
         return world * local / total_tokens, total_divergence / total_tokens, int(texts)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Both divergences of the global validation batch (each rank scores its own slice)."""
+        """Both divergences of the global validation batch (each rank scores its own slice).
+
+        With several prompts, ``val/divergence`` is their mean (what training maximises, before
+        the diversity term) and ``val/divergence_prompt_K`` each prompt's own.
+        """
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        _, with_prompt, size = self._data_parallel_scale(self.divergence(ids, mask), mask)
+        if self.num_prompts > 1:
+            sums, counts = self.prompt_divergences(ids, mask)
+            per_prompt = sums.sum(-1) / counts.sum()
+            for k, value in enumerate(per_prompt):
+                _, value, size = self._data_parallel_scale(value, mask)
+                self.log(f"val/divergence_prompt_{k}", value, batch_size=size, sync_dist=True)
+            divergence = per_prompt.mean()
+        else:
+            divergence = self.divergence(ids, mask)
+        _, with_prompt, size = self._data_parallel_scale(divergence, mask)
         _, without, _ = self._data_parallel_scale(self._divergence_without_prompt(ids, mask), mask)
         # Already the global values on every rank; sync_dist only averages equal numbers (and keeps
         # Lightning from warning that the epoch value might differ between ranks).
@@ -487,11 +638,27 @@ class DivergenceModule(pl.LightningModule):
         """Write the prompt in PEFT's prompt-tuning format.
 
         ``PeftModel.from_pretrained(model_1, directory)`` loads it; the PEFT model then prepends
-        the same embeddings this module trained.
+        the same embeddings this module trained. With ``num_prompts = K > 1``: one such adapter
+        per prompt, ``directory/prompt_0`` … ``prompt_{K-1}`` (each with ``prompt_index`` in its
+        ``soft_prompting.json``), and the run's ``soft_prompting.json`` in ``directory`` itself.
         """
+        directory = Path(directory)
+        hparams = {k: v for k, v in self.hparams.items()}
+        if self.num_prompts == 1:
+            return self._write_adapter(directory, self.soft_prompt, hparams)
+        for k in range(self.num_prompts):
+            self._write_adapter(
+                directory / f"prompt_{k}", self.prompts[k], hparams | {"prompt_index": k}
+            )
+        run_files.write_text(
+            directory / "soft_prompting.json", json.dumps(hparams, indent=2, default=str)
+        )
+        return directory
+
+    def _write_adapter(self, directory: Path, prompt: torch.Tensor, hparams: dict) -> Path:
+        """One ``[P, H]`` prompt as a PEFT prompt-tuning adapter in ``directory``."""
         from peft import PromptTuningConfig, TaskType
 
-        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model_config = self.pair.model_1.config
         config = PromptTuningConfig(
@@ -503,8 +670,8 @@ class DivergenceModule(pl.LightningModule):
             num_layers=getattr(model_config, "num_hidden_layers", None),
             base_model_name_or_path=self.hparams.model_1_name,
         )
-        weights = self.soft_prompt.detach().float().cpu().contiguous()
-        hparams = json.dumps({k: v for k, v in self.hparams.items()}, indent=2, default=str)
+        weights = prompt.detach().float().cpu().contiguous()
+        hparams = json.dumps(hparams, indent=2, default=str)
         # Every file goes to a temporary name first: a full disk never leaves a half-written
         # adapter, and the adapter written before stays whole.
         with (

@@ -52,6 +52,8 @@ def module_args(config: TrainConfig) -> dict:
         "compile": t.compile,
         "on_policy_weight": t.on_policy_weight,
         "on_policy_tokens": t.on_policy_tokens,
+        "num_prompts": t.num_prompts,
+        "diversity_weight": t.diversity_weight,
     }
 
 
@@ -230,11 +232,17 @@ def resume_checkpoint(config: TrainConfig, run_dir: Path) -> tuple[Path | None, 
             return None, None
     state = run_files.read_checkpoint(path)
     check_same_pair(state.get("hyper_parameters") or {}, module_args(config), f"checkpoint {path}")
-    saved_tokens = state["state_dict"]["soft_prompt"].shape[0]
+    saved = state["state_dict"]["soft_prompt"]  # [P, H], or [K, P, H] for K prompts
+    saved_tokens, saved_prompts = saved.shape[-2], (saved.shape[0] if saved.ndim == 3 else 1)
     if saved_tokens != config.training.num_soft_prompt_tokens:
         raise RunDirError(
             f"checkpoint {path} holds a soft prompt of {saved_tokens} virtual tokens: resume with "
             f"training.num_soft_prompt_tokens={saved_tokens}, or drop ckpt_path to start fresh"
+        )
+    if saved_prompts != config.training.num_prompts:
+        raise RunDirError(
+            f"checkpoint {path} holds {saved_prompts} soft prompt(s): resume with "
+            f"training.num_prompts={saved_prompts}, or drop ckpt_path to start fresh"
         )
     return path, state
 
