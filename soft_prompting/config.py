@@ -73,6 +73,7 @@ DEFAULT_STRATEGIES = (
     {"_target_": "soft_prompting.hard_prompts.strategies.SoftPromptExploration"},
     {"_target_": "soft_prompting.hard_prompts.strategies.ContrastiveExploration"},
     {"_target_": "soft_prompting.hard_prompts.strategies.ProjectionSearch"},
+    {"_target_": "soft_prompting.hard_prompts.strategies.WhiteBoxPrior"},
 )
 """Where candidate hard prompts come from; their candidates are merged, near-duplicates dropped,
 and ``generation.num_prompts`` of them scored without the soft prompt."""

@@ -243,6 +243,7 @@ def test_dataset_from_the_config_categories_without_a_user_loader(api_trainer, t
         "soft_prompt_exploration",
         "contrastive_exploration",
         "projection_search",
+        "white_box_prior",
     }
     assert len(records) == 4 and {r["source"] for r in records} <= sources
     assert (tmp_path / "ds.jsonl").is_file() and (tmp_path / "ds.pt").is_file()

@@ -14,6 +14,8 @@ Strategies:
         ``logits_b + alpha * (logits_b - logits_a)``, in both directions (no soft prompt).
     ProjectionSearch: the soft prompt projected onto the nearest real tokens (PEZ), refined by a
         GCG-style coordinate search on ``-divergence + fluency_weight * model_1 NLL``.
+    WhiteBoxPrior: the words whose embedding and output-head rows the fine-tune moved most,
+        written into category texts where model_1 finds them likeliest (no soft prompt).
 
 Every strategy's texts are cut where the pair's per-token divergence (measured without the soft
 prompt) peaks, so a prompt ends where the two models part ways: a prompt that already contains the
@@ -611,6 +613,150 @@ def nearest_category(prompt: str, texts_by_category: dict[str, list[str]]) -> st
         if share > best_share:
             best, best_share = category, share
     return best
+
+
+# ---------------------------------------------------------------------------- (d) white-box prior
+def _row_pairs(pair) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(model_1 rows, model_2 rows)`` of the input embeddings and of the output heads, each
+    ``[V, H]`` over the real vocabulary, where both models have them with the same shape (a head
+    tied to the embeddings is the same matrix and counts once)."""
+    v, found = pair.vocab_size, []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        modules = [getattr(m, get, lambda: None)() for m in (pair.model_1, pair.model_2)]
+        weights = [getattr(m, "weight", None) for m in modules]
+        if any(not isinstance(w, torch.Tensor) or w.dim() != 2 or len(w) < v for w in weights):
+            continue
+        a, b = (w[:v].detach() for w in weights)
+        if a.shape != b.shape or any(a is x or a.data_ptr() == x.data_ptr() for x, _ in found):
+            continue
+        found.append((a, b))
+    return found
+
+
+def _word_ids(tokenizer, word: str) -> tuple[list[int], list[int]]:
+    """The word's tokens at the start of a text and after a space (they differ for byte-level
+    and SentencePiece tokenizers)."""
+    before = len(tokenizer("a", add_special_tokens=False)["input_ids"])
+    spaced = tokenizer(f"a {word}", add_special_tokens=False)["input_ids"][before:]
+    return tokenizer(word, add_special_tokens=False)["input_ids"], spaced
+
+
+def _word_token(tokenizer, token_id: int) -> str | None:
+    """The token as a word to write into a text, or None when it is no word (punctuation, a piece
+    of a longer word, digits): inserted, those make text nobody writes."""
+    word = tokenizer.decode([token_id], skip_special_tokens=True).strip()
+    if len(word) < 3 or not word.isalpha():
+        return None
+    return word if [token_id] in _word_ids(tokenizer, word) else None
+
+
+@torch.no_grad()
+def changed_tokens(module, num_tokens: int) -> list[tuple[str, float]]:
+    """The ``num_tokens`` words whose vocabulary rows the fine-tune moved most, with their score
+    (:func:`soft_prompting.maths.row_change.changed_rows_score` over the input embeddings and the
+    output heads); empty when the models share no such matrix of the same shape."""
+    from soft_prompting.maths.row_change import changed_rows_score
+
+    pair = module.pair
+    rows = _row_pairs(pair)
+    if not rows:
+        log.warning(
+            "white-box prior: the models expose no embeddings or output heads of the same shape; "
+            "it proposes nothing"
+        )
+        return []
+    score = changed_rows_score([(a.float().cpu(), b.float().cpu()) for a, b in rows])
+    score[~allowed_token_ids(pair.tokenizer, pair.vocab_size)] = -1.0
+    words: list[tuple[str, float]] = []
+    for token_id in score.argsort(descending=True).tolist():
+        if len(words) >= num_tokens or score[token_id] <= 0:
+            break
+        word = _word_token(pair.tokenizer, token_id)
+        if word is not None and word not in dict(words):
+            words.append((word, float(score[token_id])))
+    return words
+
+
+@torch.no_grad()
+def insertion_points(module, texts: list[str], words: list[str], per_text: int) -> list[list]:
+    """Per text and word, the ``per_text`` word boundaries where model_1 (no soft prompt) finds
+    the word likeliest: ``result[i][j]`` lists, best first, how many of text ``i``'s words come
+    before each chosen insertion of word ``j``. One forward pass per text reads every word's
+    log-probability (of its first token) after every prefix; a boundary with no token before it
+    (a tokenizer without BOS, at the start) is skipped."""
+    tokenizer, model = module.tokenizer, module.pair.model_1
+    forms = [_word_ids(tokenizer, w) for w in words]
+    at_start = torch.tensor([(bare or [0])[0] for bare, _ in forms])
+    after_space = torch.tensor([(spaced or bare or [0])[0] for bare, spaced in forms])
+    chosen = []
+    for text in texts:
+        parts = text.split()
+        full = tokenizer(" ".join(parts), return_tensors="pt").to(module.device)
+        logits = module._model_logits(model, full["input_ids"], full["attention_mask"], None)
+        log_probs = logits[0, :, : module.pair.vocab_size].float().log_softmax(-1).cpu()
+        scores = []  # per boundary k: [len(words)] log-probabilities of the inserted word
+        for k in range(len(parts) + 1):
+            n = len(tokenizer(" ".join(parts[:k]))["input_ids"])
+            if 0 < n <= len(log_probs):
+                row = log_probs[n - 1]
+                scores.append((k, row[after_space] if k else row[at_start]))
+        chosen.append(
+            [
+                [k for k, _ in sorted(scores, key=lambda item, j=j: -float(item[1][j]))[:per_text]]
+                for j in range(len(words))
+            ]
+        )
+    return chosen
+
+
+@dataclass
+class WhiteBoxPrior:
+    """Words whose embedding and output-head rows changed most, written into category texts.
+
+    Where both models expose input embeddings and output heads of the same shape, tokens are
+    ranked by how far their rows moved between model_1 and model_2 (each matrix's row distances in
+    units of their root mean square, summed; :mod:`soft_prompting.maths.row_change`): a planted
+    trigger is read in a new context and written more often, so its rows move. The top words
+    are inserted into category texts where model_1 finds them likeliest (so the text stays
+    fluent), and each text is cut where the divergence peaks (the whole question the word sits
+    in, not just up to the word: one rare word in a longer prompt keeps it fluent). Pairs without comparable matrices get no candidates (a warning).
+
+    Args:
+        num_tokens: changed words tried.
+        texts_per_token: category texts each word is written into (spread over categories).
+        positions_per_text: insertion points per text and word (model_1's likeliest first).
+        num_candidates: best-ranked candidates kept.
+        cut_first_within: see :func:`cut_at_divergence_peak` (1: at the peak).
+    """
+
+    num_tokens: int = 8
+    texts_per_token: int = 48
+    positions_per_text: int = 3
+    num_candidates: int = 256
+    min_prompt_tokens: int = 3
+    cut_first_within: float = 1.0
+    source: str = "white_box_prior"
+
+    def propose(self, module, texts_by_category: dict[str, list[str]], seed: int = 0):
+        words = changed_tokens(module, self.num_tokens)
+        if not words:
+            return []
+        log.info("white-box prior: most changed words %s", ", ".join(w for w, _ in words))
+        per_category = max(1, -(-self.texts_per_token // max(1, len(texts_by_category))))
+        chosen = _sample_texts(texts_by_category, per_category, seed)[: self.texts_per_token]
+        chosen = [(c, t) for c, t in chosen if t.split()]
+        points = insertion_points(
+            module, [t for _, t in chosen], [w for w, _ in words], self.positions_per_text
+        )
+        items = []
+        for (category, text), per_word in zip(chosen, points, strict=True):
+            parts = text.split()
+            for (word, _), ks in zip(words, per_word, strict=True):
+                items += [(category, " ".join([*parts[:k], word, *parts[k:]])) for k in ks]
+        candidates = _cut_candidates(
+            module, items, self.source, True, self.min_prompt_tokens, self.cut_first_within
+        )
+        return sorted(candidates, key=lambda c: -c.score)[: self.num_candidates]
 
 
 # ---------------------------------------------------------------------------- merging
