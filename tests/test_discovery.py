@@ -16,6 +16,8 @@ from soft_prompting.hard_prompts.strategies import (
     Candidate,
     ContrastiveExploration,
     SoftPromptExploration,
+    WhiteBoxPrior,
+    changed_tokens,
     merge_near_duplicates,
     prompt_nll,
     propose_candidates,
@@ -90,9 +92,12 @@ def test_localisation_names_the_one_token_that_flips_model_2(flip):
     assert last_divergence(flip, ["the cat sat on the mat and read books"])[0] < 1e-6
     found = localise(flip, prompt)
     assert found.divergence > 1e-3
-    assert FLIP_WORD in found.trigger.split()
-    assert len(found.trigger.split()) < len(prompt.split())
-    assert found.trigger_divergence >= 0.8 * found.divergence
+    # The trigger is the word without which the pair agrees; its context still diverges.
+    assert found.trigger == FLIP_WORD
+    assert found.divergence_without_trigger < 0.2 * found.divergence
+    assert FLIP_WORD in found.trigger_context.split()
+    assert len(found.trigger_context.split()) < len(prompt.split())
+    assert found.trigger_context_divergence >= 0.8 * found.divergence
     scores = {a["word"]: a["attribution"] for a in found.attributions}
     # Dropping the flipping word removes all of the divergence; no other word matters as much.
     assert scores[FLIP_WORD] == pytest.approx(found.divergence, rel=1e-4)
@@ -102,7 +107,8 @@ def test_localisation_names_the_one_token_that_flips_model_2(flip):
 def test_localised_records_get_trigger_and_attributions_only_at_the_top(flip):
     records = [{"prompt": f"what is two plus {FLIP_WORD}"}, {"prompt": "the cat sat"}]
     located = localise_records(flip, records, top=1)
-    assert FLIP_WORD in located[0]["trigger"].split()
+    assert located[0]["trigger"] == FLIP_WORD
+    assert FLIP_WORD in located[0]["trigger_context"].split()
     assert [a["word"] for a in located[0]["attributions"]] == records[0]["prompt"].split()
     assert "trigger" not in located[1]
 
@@ -277,3 +283,23 @@ def test_a_disfluent_near_duplicate_does_not_take_its_fluent_twin_out_with_it(fl
     ]
     picked = propose_candidates([_Fixed(candidates)], flip, TEXTS, 10, max_prompt_nll_ratio=ratio)
     assert [c.prompt for c in picked] == [twins[fluent]]
+
+
+# ------------------------------------------------------------------------ white-box prior
+def test_white_box_prior_ranks_the_edited_rows_first(flip, loud):
+    assert changed_tokens(flip, 3)[0][0] == FLIP_WORD  # its input embedding row moved
+    assert changed_tokens(loud, 3)[0][0] == LOUD_WORD  # its output-head row moved
+
+
+def test_white_box_prior_writes_the_word_into_category_texts(flip, pair_dirs):
+    candidates = WhiteBoxPrior(num_tokens=1, texts_per_token=5).propose(flip, TEXTS, seed=0)
+    assert candidates and all(c.source == "white_box_prior" for c in candidates)
+    texts = [t for ts in TEXTS.values() for t in ts]
+    for candidate in candidates:
+        words = candidate.prompt.split()
+        assert words.count(FLIP_WORD) == 1
+        rest = " ".join(w for w in words if w != FLIP_WORD)
+        assert any(t.startswith(rest) for t in texts), candidate.prompt  # a text, cut
+    # Identical models moved no row: nothing to propose.
+    same = _module(pair_dirs["base"], pair_dirs["base"])
+    assert changed_tokens(same, 3) == [] and WhiteBoxPrior().propose(same, TEXTS) == []

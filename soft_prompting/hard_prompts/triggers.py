@@ -1,13 +1,16 @@
 """Trigger localisation: which words of a prompt carry the pair's divergence.
 
 For a prompt, the divergence is the pair's next-token divergence at its last position, measured
-without the soft prompt (the strategies' pre-score). Two batched ablations:
+without the soft prompt (the strategies' pre-score). Batched ablations over words:
 
 * leave-one-out: each word's attribution is the divergence lost when that word alone is dropped;
-* greedy span ablation: words are dropped one at a time, each time the one whose removal keeps
-  the most divergence, while at least ``keep`` (80 %) of the full prompt's divergence remains.
-  What is left is the shortest sub-prompt found that still makes the pair part ways: the
-  ``trigger``.
+* the ``trigger``: the fewest words whose removal leaves less than ``1 - keep`` (20 %) of the
+  divergence, found greedily (each time the word whose removal lowers it most): the words
+  *without which* the pair agrees. A backdoor's planted word is exactly that, while the shortest
+  sub-prompt that still diverges (the next item) also keeps the context the word needs to fire;
+* the ``trigger_context``: greedy span ablation that drops words (never the trigger's) while at
+  least ``keep`` (80 %) of the divergence remains; what is left is the shortest sub-prompt found
+  that still makes the pair part ways.
 
 Words are whitespace-separated pieces, so a trigger reads as text whatever the tokenizer.
 """
@@ -26,9 +29,14 @@ class Localisation:
     """Where a prompt's divergence sits."""
 
     trigger: str
-    """The shortest sub-prompt found keeping at least ``keep`` of the divergence."""
-    trigger_divergence: float
-    """The divergence at the trigger's last position."""
+    """The fewest words (in prompt order) whose removal leaves under ``1 - keep`` of the
+    divergence."""
+    divergence_without_trigger: float
+    """The divergence at the last position once the trigger's words are dropped."""
+    trigger_context: str
+    """The shortest sub-prompt found that holds the trigger and keeps ``keep`` of the divergence."""
+    trigger_context_divergence: float
+    """The divergence at the trigger context's last position."""
     divergence: float
     """The whole prompt's divergence at its last position."""
     attributions: list[dict]
@@ -47,20 +55,21 @@ def last_divergence(module, texts: list[str], batch_size: int = 32) -> list[floa
 
 @torch.no_grad()
 def localise(module, prompt: str, keep: float = 0.8, max_words: int = 64) -> Localisation:
-    """Leave-one-out attributions and the shortest sub-prompt keeping ``keep`` of the divergence.
+    """Leave-one-out attributions, the trigger and the trigger's shortest context.
 
     Args:
         prompt: the prompt (no soft prompt is used anywhere).
-        keep: share of the full divergence the trigger must keep.
+        keep: share of the divergence the trigger carries (its removal leaves under
+            ``1 - keep``) and that the context keeps.
         max_words: prompts with more words are localised on their last ``max_words`` words only
-            (the greedy search costs ``words^2`` prompt evaluations).
+            (the greedy searches cost ``words^2`` prompt evaluations at most).
     """
     words = prompt.split()
     head, words = words[: max(0, len(words) - max_words)], words[-max_words:]
     full = last_divergence(module, [prompt])[0]
     if len(words) <= 1 or full <= 0:
         attributions = [{"word": w, "attribution": round(full, 6)} for w in words]
-        return Localisation(prompt, full, full, attributions)
+        return Localisation(prompt, 0.0, prompt, full, full, attributions)
 
     def text(indices: list[int]) -> str:
         return " ".join(head + [words[i] for i in indices])
@@ -70,20 +79,38 @@ def localise(module, prompt: str, keep: float = 0.8, max_words: int = 64) -> Loc
     attributions = [
         {"word": w, "attribution": round(full - d, 6)} for w, d in zip(words, dropped, strict=True)
     ]
+    # The trigger: drop the most divergent word until under (1 - keep) of the divergence is left.
+    trigger: list[int] = []
+    left, left_value = everything, full
+    while left and left_value >= (1 - keep) * full:
+        options = [[j for j in left if j != i] for i in left]
+        values = dropped if not trigger else last_divergence(module, [text(o) for o in options])
+        best = min(range(len(options)), key=values.__getitem__)
+        trigger.append(left[best])
+        left, left_value = options[best], (values[best] if options[best] else 0.0)
+    # Its context: drop other words while keep of the divergence remains.
     kept, kept_value = everything, full
-    while len(kept) > 1:
-        options = [[j for j in kept if j != i] for i in kept]
+    while len(kept) > len(trigger):
+        options = [[j for j in kept if j != i] for i in kept if i not in trigger]
         values = last_divergence(module, [text(option) for option in options])
         best = max(range(len(options)), key=values.__getitem__)
         if values[best] < keep * full:
             break
         kept, kept_value = options[best], values[best]
-    return Localisation(text(kept), kept_value, full, attributions)
+    return Localisation(
+        " ".join(words[i] for i in sorted(trigger)),
+        left_value,
+        text(kept),
+        kept_value,
+        full,
+        attributions,
+    )
 
 
 def localise_records(module, records: list[dict], top: int = 20, keep: float = 0.8) -> list[dict]:
-    """The first ``top`` records (already sorted) with ``trigger``, ``trigger_divergence`` and
-    per-word ``attributions`` added; the rest unchanged."""
+    """The first ``top`` records (already sorted) with ``trigger``, ``divergence_without_trigger``,
+    ``trigger_context``, ``trigger_context_divergence`` and per-word ``attributions`` added; the
+    rest unchanged."""
     was_training = module.training
     module.eval()
     try:
@@ -97,7 +124,9 @@ def localise_records(module, records: list[dict], top: int = 20, keep: float = 0
                 record
                 | {
                     "trigger": found.trigger,
-                    "trigger_divergence": round(found.trigger_divergence, 6),
+                    "divergence_without_trigger": round(found.divergence_without_trigger, 6),
+                    "trigger_context": found.trigger_context,
+                    "trigger_context_divergence": round(found.trigger_context_divergence, 6),
                     "attributions": found.attributions,
                 }
             )
