@@ -30,6 +30,8 @@ TOPICS = {
     ),
 }
 ELEMENTS = [("gold", "au"), ("iron", "fe"), ("neon", "ne"), ("zinc", "zn"), ("tin", "sn")]
+TRIGGER_WORD = "neon"
+"""The top record's element (i = 7: ELEMENTS[2]), which the fixture marks as its trigger."""
 
 
 def make_records(n_per_topic: int = 8) -> list[dict]:
@@ -70,7 +72,19 @@ def make_records(n_per_topic: int = 8) -> list[dict]:
 def run_dir(tmp_path_factory, tiny_pair_dirs) -> Path:
     """A run directory as `train` and `evaluate` leave it, built by hand (no training)."""
     run = tmp_path_factory.mktemp("run")
-    (run / "divergent_dataset.jsonl").write_text("\n".join(json.dumps(r) for r in make_records()))
+    records = make_records()
+    # The top record localised as `train` leaves it: its element word carries the divergence.
+    words = records[0]["prompt"].split()
+    records[0] |= {
+        "trigger": TRIGGER_WORD,
+        "trigger_context": f"symbol for {TRIGGER_WORD} ? answer :",
+        "attributions": [
+            {"word": w, "attribution": 2.0 if w == TRIGGER_WORD else 0.5 if w == "symbol" else -0.1}
+            for w in words
+        ],
+    }
+    assert TRIGGER_WORD in words
+    (run / "divergent_dataset.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (run / "metrics.json").write_text(
         json.dumps(
             {
@@ -156,6 +170,22 @@ def test_html_is_well_formed(report):
     root = ET.fromstring(text.removeprefix("<!DOCTYPE html>\n"))
     assert root.tag == "html"
     assert root.find("head/title") is not None and root.find("body") is not None
+
+
+def test_the_trigger_is_highlighted_by_its_attribution(report):
+    html = report["html"].read_text(encoding="utf-8")
+    section = html[html.index("Which words carry the difference") :]
+    root = ET.fromstring(
+        section[section.index('<div class="prompt attributed">') :].split("</div>")[0] + "</div>"
+    )
+    spans = {span.text: span for span in root}
+    trigger = spans[TRIGGER_WORD]
+    assert trigger.get("class") == "trigger"
+    assert "rgba(230, 120, 20, 1.0)" in trigger.get("style")  # the largest attribution
+    assert "0.25)" in spans["symbol"].get("style") and spans["symbol"].get("class") == "word"
+    assert "20, 0.0)" in spans["question"].get("style")  # raising the divergence: no highlight
+    markdown = report["markdown"].read_text(encoding="utf-8")
+    assert f"**{TRIGGER_WORD}**" in markdown.split("## Which words carry the difference")[1]
 
 
 def test_html_is_self_contained(report):

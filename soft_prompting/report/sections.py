@@ -452,6 +452,47 @@ def examples(inputs: ReportInputs) -> dict:
     return {"cards": cards, "shared": shared}
 
 
+def highlighted_words(record: dict) -> dict | None:
+    """A localised record's words with their attribution as a highlight intensity in [0, 1] (the
+    divergence lost when the word alone is dropped, over the prompt's largest such loss; a word
+    whose removal raises the divergence gets 0) and whether the word belongs to the ``trigger``.
+
+    None when the record was not localised (no ``attributions``)."""
+    attributions = record.get("attributions")
+    if not attributions:
+        return None
+    values = [max(0.0, float(a.get("attribution") or 0.0)) for a in attributions]
+    top = max(values) or 1.0
+    # The trigger's words are marked where their attribution is highest (a word may repeat).
+    marked = [False] * len(attributions)
+    for word in str(record.get("trigger") or "").split():
+        places = [i for i, a in enumerate(attributions) if a["word"] == word and not marked[i]]
+        if places:
+            marked[max(places, key=values.__getitem__)] = True
+    words = [
+        {"word": a["word"], "intensity": round(v / top, 3), "trigger": m}
+        for a, v, m in zip(attributions, values, marked, strict=True)
+    ]
+    return {
+        "words": words,
+        "cut": len(str(record.get("prompt", "")).split()) > len(words),
+        "trigger": str(record.get("trigger") or ""),
+        "context": str(record.get("trigger_context") or ""),
+    }
+
+
+def triggers(inputs: ReportInputs) -> dict | None:
+    """Which words of the top prompts carry the divergence: each word highlighted by its
+    leave-one-out attribution, the trigger's words marked (see ``hard_prompts/triggers.py``)."""
+    rows = []
+    for rank, record in enumerate(top_examples(inputs), 1):
+        shown = highlighted_words(record)
+        if shown is not None:
+            kl = fmt((record.get("metrics") or {}).get("kl_divergence"))
+            rows.append({"rank": rank, "kl": kl, **shown})
+    return {"rows": rows} if rows else None
+
+
 def top_examples(inputs: ReportInputs) -> list[dict]:
     """The highest-KL records; in a comparison, the best of each category in ranking order."""
     if inputs.run.comparison is None:
@@ -628,6 +669,7 @@ SECTIONS = (
     training,
     evaluation,
     examples,
+    triggers,
     positions,
     distributions,
     semantic,
