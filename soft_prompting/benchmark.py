@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from soft_prompting.organisms.tiny import SPECIAL_TOKENS, random_llama, word_tokenizer
+from soft_prompting.pair.placement import lightning_precision
 
 MODELS: dict[str, dict] = {
     "tiny": dict(
@@ -91,7 +92,14 @@ PEAK_BF16_FLOPS = {
     "L4": 121e12,
 }
 
-VARIANTS = ("generic_head", "bf16_autocast", "bf16_weights", "compile")
+VARIANTS = ("generic_head", "fp32", "bf16_autocast", "bf16_weights", "compile")
+
+SCALING: dict[str, tuple[int, ...]] = {
+    "seq_len": (64, 128, 256),
+    "num_virtual_tokens": (4, 8, 16, 32),
+    "vocab_size": (8192, 16384, 32000),
+}
+"""``--scaling``: each knob varied alone around the preset's workload (train and naive steps)."""
 
 
 @dataclass
@@ -109,8 +117,11 @@ class Settings:
     gen_prompts: int = 8
     prompt_len: int = 32
     new_tokens: int = 64
-    mixed_precision: bool = False
-    """The project's ``training.mixed_precision`` (bf16 autocast)."""
+    mixed_precision: bool | str = "auto"
+    """The project's ``training.mixed_precision``: auto (its default: bf16 autocast where the
+    hardware has bf16), True or False."""
+    vocab_size: int | None = None
+    """Overrides the preset's vocabulary (``--scaling``)."""
     gradient_checkpointing: bool = False
     compile: bool = False
     naive_train: bool = True
@@ -123,7 +134,8 @@ class Settings:
 
 
 def preset_settings(preset: str, device: str) -> Settings:
-    """The issue's workload for ``preset``; ``llama7b`` is the GPU one (bf16, 8×256, recompute)."""
+    """The issue's workload for ``preset``; ``llama7b`` is the GPU one (bf16, 8×256, recompute;
+    generation of 64 prompts × 64 new tokens, issue 15's batch)."""
     settings = Settings(preset=preset, device=device)
     if preset == "tiny":
         settings = replace(
@@ -141,9 +153,10 @@ def preset_settings(preset: str, device: str) -> Settings:
             settings,
             dtype="bfloat16",
             seq_len=256,
-            mixed_precision=True,
             gradient_checkpointing=True,
+            gen_prompts=64,
             naive_train=False,
+            naive_gen=False,
             repeats=5,
             gen_repeats=2,
         )
@@ -167,7 +180,7 @@ def build_pair(settings: Settings, dtype: torch.dtype | None = None):
         # Random init right on the device: fast for 7B.
         model = random_llama(
             seed,
-            **MODELS[settings.preset],
+            **model_dims(settings),
             max_position_embeddings=4096,
             dtype=dtype,
             device=settings.device,
@@ -175,9 +188,13 @@ def build_pair(settings: Settings, dtype: torch.dtype | None = None):
         model.requires_grad_(False)
         model.eval()
         models.append(model)
-    return ModelPair(
-        models[0], models[1], synthetic_tokenizer(MODELS[settings.preset]["vocab_size"])
-    )
+    return ModelPair(models[0], models[1], synthetic_tokenizer(model_dims(settings)["vocab_size"]))
+
+
+def model_dims(settings: Settings) -> dict:
+    """The preset's Llama dimensions, with ``settings.vocab_size`` when it is set."""
+    dims = dict(MODELS[settings.preset])
+    return dims | ({"vocab_size": settings.vocab_size} if settings.vocab_size else {})
 
 
 def training_batch(settings: Settings, vocab_size: int) -> dict:
@@ -539,6 +556,9 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
             generic, generic_module = project_train_step(settings, pair)
             generic_module.fused_head = False
             steps["train_generic_head"] = lambda f=generic: f(batch)
+        elif variant == "fp32":
+            fp32, _ = project_train_step(settings, pair, mixed_precision=False)
+            steps["train_fp32"] = lambda f=fp32: f(batch)
         elif variant == "bf16_autocast":
             bf16, _ = project_train_step(settings, pair, mixed_precision=True)
             steps["train_bf16_autocast"] = lambda f=bf16: f(batch)
@@ -616,6 +636,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         "times_s": {name: [round(v, 4) for v in values] for name, values in times.items()},
         "first_call_s": first_call_s,
         "fused_head": bool(module.fused_head),
+        "train_precision": lightning_precision(settings.mixed_precision, device),
         "checks": consistency_checks(reference_loss, outputs),
     }
     for variant in settings.variants:
@@ -625,7 +646,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         result[f"{key}_vs_train"] = ratio(median["train"], median[key])
     if "train_compile" in first_call_s:
         result["compile_s"] = first_call_s["train_compile"] - median["train_compile"]
-    for key in ("bf16_autocast", "bf16_weights"):
+    for key in ("fp32", "bf16_autocast", "bf16_weights"):
         if f"train_{key}" in reference_loss:
             diff = abs(reference_loss[f"train_{key}"] - reference_loss["train"])
             result[f"{key}_divergence_abs_diff"] = diff
@@ -682,6 +703,46 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
     result["device"] = describe_device(settings)
     result["total_s"] = time.perf_counter() - t0
     return result
+
+
+def scaling_table(settings: Settings, log: Callable[[str], None] = print) -> list[dict]:
+    """Median train and naive step times with one knob of :data:`SCALING` varied at a time (the
+    others at the preset's values); the two steps interleaved, as in :func:`run_benchmark`."""
+    rows, done = [], {}
+    base = {"seq_len": settings.seq_len, "num_virtual_tokens": settings.num_virtual_tokens}
+    base["vocab_size"] = model_dims(settings)["vocab_size"]
+    for knob, values in SCALING.items():
+        for value in values:
+            point = base | {knob: value}
+            key = tuple(sorted(point.items()))
+            if key not in done:
+                done[key] = _scaling_point(replace(settings, **point), log)
+            rows.append({"vary": knob, **point, **done[key]})
+    return rows
+
+
+def _scaling_point(settings: Settings, log: Callable[[str], None]) -> dict:
+    pair = build_pair(settings)
+    batch = training_batch(settings, pair.vocab_size)
+    train, module = project_train_step(settings, pair)
+    naive = naive_train_step(settings, build_pair(settings, torch.float32), module.soft_prompt)
+    steps = {"train": lambda: train(batch), "naive_train": lambda: naive(batch)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for fn in steps.values():
+        timed(fn, settings.device)  # warm-up
+    for r in range(settings.repeats):
+        for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            times[name].append(timed(steps[name], settings.device)[0])
+    median = {name: statistics.median(values) for name, values in times.items()}
+    log(
+        f"scaling seq_len={settings.seq_len} virtual={settings.num_virtual_tokens} "
+        f"vocab={pair.vocab_size}: train {median['train']:.3f}s, naive {median['naive_train']:.3f}s"
+    )
+    return {
+        "train_step_s": median["train"],
+        "naive_train_step_s": median["naive_train"],
+        "train_speedup": ratio(median["naive_train"], median["train"]),
+    }
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -744,10 +805,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--gen-prompts", type=int, help="prompts generated for in one batch")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--gen-repeats", type=int)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the project's training.mixed_precision (default: auto, as train runs)",
+    )
     parser.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None
     )
@@ -759,6 +826,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="measure peak RSS in child processes (CPU)",
+    )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: time train and naive steps with seq_len, virtual tokens and vocabulary "
+        "varied one at a time around the preset",
     )
     parser.add_argument(
         "--variants",
@@ -781,6 +854,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "new_tokens": args.new_tokens,
+        "gen_prompts": args.gen_prompts,
         "repeats": args.repeats,
         "gen_repeats": args.gen_repeats,
         "warmup": args.warmup,
@@ -820,7 +894,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     settings = settings_from_args(args)
     torch.set_num_threads(settings.threads)
-    result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.scaling:
+        result = {"preset": settings.preset, "scaling": scaling_table(settings, log)}
+        result |= {"settings": asdict(settings), "device": describe_device(settings)}
+    else:
+        result = run_benchmark(settings, log=log)
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if args.json:

@@ -99,22 +99,27 @@ def test_the_trainer_precision_follows_the_accelerator_not_the_machine(two_gpus,
     assert pipeline.precision(on_cpu) == "32-true"
 
 
-def test_native_bf16_on_the_cpu_is_read_from_torch_or_from_proc_cpuinfo(monkeypatch, tmp_path):
-    fake = types.SimpleNamespace(
-        _is_avx512_bf16_supported=lambda: False, _is_amx_tile_supported=lambda: True
-    )
-    monkeypatch.setattr(torch, "cpu", fake)
-    assert placement.cpu_has_native_bf16()
-    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace())  # a PyTorch without the query
+def test_bf16_counts_as_native_on_cpus_where_it_was_faster(monkeypatch, tmp_path):
+    """AMX, or AVX512-BF16 on AMD; AVX512-BF16 on an Intel CPU without AMX measured slower."""
+    query = {"_is_avx512_bf16_supported": lambda: True, "_is_amx_tile_supported": lambda: False}
+    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace(**query))
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f\n\nprocessor : 1\n")
-    monkeypatch.setattr(placement, "_cpuinfo_flags", lambda: placement._read_flags(cpuinfo))
+    monkeypatch.setattr(placement, "_cpuinfo", lambda: placement._read_cpuinfo(cpuinfo))
+    cpuinfo.write_text("vendor_id : GenuineIntel\nflags : fpu avx512f avx512_bf16\n")
+    assert not placement.cpu_has_native_bf16()  # this machine: a Xeon with AMX hidden
+    cpuinfo.write_text("vendor_id : AuthenticAMD\nflags : fpu avx512f avx512_bf16\n")
+    assert placement.cpu_has_native_bf16()  # Zen 4
+    query["_is_amx_tile_supported"] = lambda: True
+    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace(**query))
+    cpuinfo.write_text("vendor_id : GenuineIntel\nflags : fpu avx512f\n")
+    assert placement.cpu_has_native_bf16()  # Sapphire Rapids, as torch reports it
+    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace())  # a PyTorch without the queries
     assert not placement.cpu_has_native_bf16()
-    cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
+    cpuinfo.write_text("vendor_id : GenuineIntel\nflags : fpu amx_tile amx_bf16\n")
     assert placement.cpu_has_native_bf16()
-    cpuinfo.write_text("processor : 0\nFeatures : fp asimd sve bf16\n")  # Arm (Graviton 3)
-    assert placement.cpu_has_native_bf16()
-    assert placement._read_flags(tmp_path / "missing") == set()
+    cpuinfo.write_text("processor : 0\nFeatures : fp asimd sve bf16\n")  # Arm: unmeasured
+    assert not placement.cpu_has_native_bf16()
+    assert placement._read_cpuinfo(tmp_path / "missing") == (set(), "")
 
 
 @pytest.mark.parametrize(

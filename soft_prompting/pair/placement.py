@@ -9,8 +9,8 @@ and is never copied there afterwards. A CUDA device without an index is this pro
 place themselves on CUDA (:class:`~soft_prompting.pair.loading.ModelPairManager`).
 
 ``mixed_precision`` (``auto``, true, false) becomes the autocast dtype of the frozen pair's
-forward: ``auto`` is bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
-AVX512-BF16 or AMX) and fp32 elsewhere. The divergence itself always works in fp32 (see
+forward: ``auto`` is bf16 where the hardware computes it fast (a CUDA GPU with hardware bf16, a CPU
+with AMX or an AMD CPU with AVX512-BF16: :func:`cpu_has_native_bf16`) and fp32 elsewhere. The divergence itself always works in fp32 (see
 ``soft_prompting.maths.divergence``).
 """
 
@@ -100,32 +100,41 @@ def cuda_has_bf16(device: torch.device | str | None = None) -> bool:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 arithmetic (x86 AVX512-BF16 or AMX; Arm's BF16 extension), the
-    case where bf16 autocast speeds up the matrix products instead of slowing them down."""
+    """True on CPUs where bf16 autocast speeds the step up: AMX (Intel Sapphire Rapids and later,
+    as PyTorch or Linux reports it) or AVX512-BF16 on AMD (Zen 4 and later; 2.0-2.4x on the
+    training step, docs/PERFORMANCE.md). AVX512-BF16 on an Intel CPU without AMX was measured
+    *slower* than fp32 (1.3-1.6x slower matrix products on a Xeon whose AMX the VM hides), and Arm
+    is unmeasured: both stay fp32."""
     query = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if query is not None and all(hasattr(query, name) for name in checks):
-        if any(getattr(query, name)() for name in checks):
-            return True
-    return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    amx = getattr(query, "_is_amx_tile_supported", None)
+    flags, vendor = _cpuinfo()
+    if (amx is not None and amx()) or "amx_bf16" in flags:
+        return True
+    avx512_bf16 = getattr(query, "_is_avx512_bf16_supported", None)
+    has_avx512_bf16 = "avx512_bf16" in flags or (avx512_bf16 is not None and avx512_bf16())
+    return vendor == "AuthenticAMD" and has_avx512_bf16
 
 
-def _cpuinfo_flags() -> set[str]:
-    return _read_flags(Path("/proc/cpuinfo"))
+def _cpuinfo() -> tuple[set[str], str]:
+    return _read_cpuinfo(Path("/proc/cpuinfo"))
 
 
-def _read_flags(path: Path) -> set[str]:
-    """The CPU feature flags Linux lists (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+def _read_cpuinfo(path: Path) -> tuple[set[str], str]:
+    """The CPU feature flags Linux lists (``flags`` on x86, ``Features`` on Arm) and the vendor
+    (``vendor_id``); empty elsewhere."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
-        return set()
+        return set(), ""
     flags: set[str] = set()
+    vendor = ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
-    return flags
+        elif key.strip() == "vendor_id":
+            vendor = value.strip()
+    return flags, vendor
 
 
 def autocast_dtype(mixed_precision: bool | str, device: torch.device | str) -> torch.dtype | None:
