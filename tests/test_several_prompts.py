@@ -251,3 +251,34 @@ def test_each_prompt_runs_the_soft_prompt_strategies_and_tags_its_records(severa
     assert SoftPromptExploration().uses_soft_prompt and ProjectionSearch().uses_soft_prompt
     assert not ContrastiveExploration().uses_soft_prompt
     assert not getattr(CategoryTextRanking(), "uses_soft_prompt", False)
+
+
+def test_evaluate_reads_prompts_files_with_and_without_the_tag(tmp_path):
+    import json
+
+    from soft_prompting.evaluate import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "the cat sat", "source": "soft_prompt_exploration", "soft_prompt_index": 1},
+        {"prompt": "what is one plus two", "source": "category_text", "soft_prompt_index": None},
+        {"prompt": "i am"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read = read_prompts(path)
+    assert [r.get("soft_prompt_index", "absent") for r in read] == [1, None, "absent"]
+
+
+def test_resuming_with_another_number_of_prompts_names_the_fix(tmp_path):
+    from soft_prompting.config import load_train_config
+    from soft_prompting.errors import RunDirError
+    from soft_prompting.training.pipeline import resume_checkpoint
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"soft_prompt": torch.zeros(2, 8, 32)}, "global_step": 3}, ckpt)
+    pair = {"model_1_name": "a", "model_2_name": "b"}
+    config = load_train_config({"model_pair": pair, "ckpt_path": str(ckpt)})
+    with pytest.raises(RunDirError, match="training.num_prompts=2"):
+        resume_checkpoint(config, tmp_path)
+    config.training.num_prompts = 2
+    assert resume_checkpoint(config, tmp_path)[0] == ckpt
