@@ -745,6 +745,41 @@ def _scaling_point(settings: Settings, log: Callable[[str], None]) -> dict:
     }
 
 
+def profile_steps(settings: Settings, log: Callable[[str], None] = print, top: int = 12) -> dict:
+    """Where a train and a naive step spend their time: ``torch.profiler``'s operators by self
+    time (one warm-up, then one profiled call of each), as a table per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pair = build_pair(settings)
+    batch = training_batch(settings, pair.vocab_size)
+    train, module = project_train_step(settings, pair)
+    naive = naive_train_step(settings, build_pair(settings, torch.float32), module.soft_prompt)
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if settings.device.startswith("cuda") else []
+    )
+    tables = {}
+    for name, fn in (("train", lambda: train(batch)), ("naive_train", lambda: naive(batch))):
+        fn()
+        with profile(activities=activities) as prof:
+            fn()
+        averages = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in averages) or 1
+        rows = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:top]
+        tables[name] = [
+            {
+                "op": e.key,
+                "self_s": e.self_cpu_time_total / 1e6,
+                "share": e.self_cpu_time_total / total,
+                "calls": e.count,
+            }
+            for e in rows
+        ]
+        log(
+            f"profile {name}: " + ", ".join(f"{r['op']} {r['share']:.0%}" for r in tables[name][:5])
+        )
+    return tables
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -834,6 +869,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "varied one at a time around the preset",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: torch.profiler's top operators of one train and one naive step",
+    )
+    parser.add_argument(
         "--variants",
         default="",
         help=f"comma-separated extra training variants: {','.join(VARIANTS)}",
@@ -895,8 +935,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     settings = settings_from_args(args)
     torch.set_num_threads(settings.threads)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if args.scaling:
-        result = {"preset": settings.preset, "scaling": scaling_table(settings, log)}
+    if args.scaling or args.profile:
+        result = {"preset": settings.preset}
+        if args.scaling:
+            result["scaling"] = scaling_table(settings, log)
+        if args.profile:
+            result["profile"] = profile_steps(settings, log)
         result |= {"settings": asdict(settings), "device": describe_device(settings)}
     else:
         result = run_benchmark(settings, log=log)

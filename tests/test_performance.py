@@ -119,6 +119,9 @@ def test_benchmark_command_writes_the_promised_json(tmp_path):
             "--gen-repeats",
             "1",
             "--no-memory",
+            # Compared with the fp32 naive step below: fp32 on every machine (auto would pick
+            # bf16 on AMX or AMD AVX512-BF16 CPUs).
+            "--no-mixed-precision",
         ],
         capture_output=True,
         text=True,
@@ -127,6 +130,7 @@ def test_benchmark_command_writes_the_promised_json(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["train_precision"] == "32-true"
     for key in (
         "train_step_s",
         "naive_train_step_s",
