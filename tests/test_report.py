@@ -185,7 +185,9 @@ def test_the_trigger_is_highlighted_by_its_attribution(report):
     assert "0.25)" in spans["symbol"].get("style") and spans["symbol"].get("class") == "word"
     assert "20, 0.0)" in spans["question"].get("style")  # raising the divergence: no highlight
     markdown = report["markdown"].read_text(encoding="utf-8")
-    assert f"**{TRIGGER_WORD}**" in markdown.split("## Which words carry the difference")[1]
+    shown = markdown.split("## Which words carry the difference")[1]
+    assert f"**{TRIGGER_WORD}**" in shown
+    assert f"sub-prompt `symbol for {TRIGGER_WORD} ? answer :`" in shown
 
 
 def test_html_is_self_contained(report):
