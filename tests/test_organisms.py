@@ -91,6 +91,46 @@ def test_unknown_names_are_rejected_with_the_valid_ones():
     assert not is_organism("gpt2") and not is_organism("./base_model")
 
 
+def test_the_distillation_term_is_bit_identical_to_the_formula_the_organisms_were_built_with():
+    """The variants' KL(base || variant) now comes from maths.divergence; the organisms' weights
+    (and so the published numbers) stay the same only if the loss and its gradient are the same
+    bits as the formula they were built with, kept here as the reference."""
+
+    def built_with(teacher_logits, student_logits, mask):
+        teacher_logp = teacher_logits.log_softmax(-1)
+        student_logp = student_logits.log_softmax(-1)
+        per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 16, 300, generator=generator) * 3
+    masks = [torch.rand(4, 16, generator=generator) < 0.6, torch.zeros(4, 16, dtype=torch.bool)]
+    for mask in masks:
+        values, grads = [], []
+        for loss_fn in (built_with, organisms._distillation_kl):
+            student = teacher + torch.randn(4, 16, 300, generator=generator.manual_seed(1))
+            student.requires_grad_(True)
+            loss = loss_fn(teacher, student, mask)
+            lm_loss = student.logsumexp(-1).mean()  # as in training, one term of a sum
+            (lm_loss + 2.0 * loss).backward()
+            values.append(loss.detach())
+            grads.append(student.grad)
+        assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1])
+    assert values[1].item() == 0.0  # nothing masked in: no pull towards base
+
+
+def test_recipe_hashes_are_the_published_ones():
+    """A recipe change renames every cache folder and changes the published numbers."""
+    assert {name: organisms.recipe_hash(name) for name in ORGANISMS} == {
+        "base": "6d0dcf10a7",
+        "sandbagging": "1b020ab645",
+        "unlearning": "defe96b48d",
+        "sandbagging_unlearning": "308dfd4366",
+        "benign": "1b533d72c3",
+        "backdoor": "f7dec20478",
+    }
+
+
 # ------------------------------------------------------------------- cache mechanics (fake builds)
 
 

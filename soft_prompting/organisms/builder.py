@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from soft_prompting.maths.divergence import forward_kl, masked_mean
 from soft_prompting.organisms.corpus import CORPUS_VERSION, corpus_documents
 
 logger = logging.getLogger(__name__)
@@ -446,7 +447,7 @@ def _train_variant(
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch).logits.float()
         lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        distill = _masked_kl(teacher_logits, logits, mask)
+        distill = _distillation_kl(teacher_logits, logits, mask)
         loss = lm_loss + training.distill_weight * distill
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -461,10 +462,10 @@ def _train_variant(
     return model.eval()
 
 
-def _masked_kl(
+def _distillation_kl(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean KL(teacher || student) over positions where ``mask`` is true.
+    """Mean KL(teacher || student) over the positions where ``mask`` is true; zero when none is.
 
     Args:
         teacher_logits: [batch, seq, vocab].
@@ -472,12 +473,11 @@ def _masked_kl(
         mask: [batch, seq] bool.
 
     Returns:
-        Scalar; zero when nothing is masked in.
+        Scalar.
     """
-    teacher_logp = teacher_logits.log_softmax(-1)
-    student_logp = student_logits.log_softmax(-1)
-    per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if not mask.any():  # a batch of changed documents only: nothing to stay close on
+        return student_logits.new_zeros(())
+    return masked_mean(forward_kl(teacher_logits, student_logits), mask)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
