@@ -237,7 +237,8 @@ class TrainingConfig:
     num_prompts: int = 1
     """Soft prompts trained together, in one batched pass over the pair (each finds its own difference)."""
     diversity_weight: float = 1.0
-    """With num_prompts > 1: weight of the penalty on prompts peaking on the same texts (maths/diversity.py)."""
+    """With num_prompts > 1: weight, relative to the mean divergence, of the penalty on prompts that
+    peak on the same texts (soft_prompting/maths/diversity.py; 0: none)."""
 
     def __post_init__(self) -> None:
         self.mixed_precision = _auto_or_bool(self.mixed_precision, "training.mixed_precision")

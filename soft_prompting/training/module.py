@@ -74,9 +74,9 @@ class DivergenceModule(pl.LightningModule):
         on_policy_tokens: tokens sampled per text for that term.
         num_prompts: soft prompts trained together (``K``). With ``K > 1`` the prompt is a
             ``[K, P, H]`` parameter, each batch is replicated over the K prompts inside one forward
-            of each frozen model, and the loss is ``-mean_k D_k + diversity_weight *``
-            :func:`~soft_prompting.maths.diversity.diversity_penalty` of their per-text
-            divergences. ``K = 1`` keeps the ``[P, H]`` prompt and the single-prompt code path.
+            of each frozen model, and the loss is ``-mean_k D_k + diversity_weight *
+            sg(mean_k D_k) *`` :func:`~soft_prompting.maths.diversity.diversity_penalty` of their
+            per-text divergences (see :meth:`_several_prompts_step`). ``K = 1`` keeps the ``[P, H]`` prompt and the single-prompt code path.
         diversity_weight: weight of that penalty (used only when ``num_prompts > 1``).
         pair: an already loaded pair to use instead of loading by name (not saved in checkpoints).
         pair_device: where a pair loaded by name goes: ``auto`` (the best device here), ``cpu``,
