@@ -245,3 +245,27 @@ def test_compare_evaluates_on_the_accelerator_it_trained_on(tmp_path, monkeypatc
     assert result["status"] == "done", result
     assert (job_dir / "evaluation" / "argv.txt").read_text() == "cpu"
     assert sys.modules.get("argv_evaluate") is None  # it ran as its own process
+
+
+def test_a_checkpoint_opens_where_its_pair_was_placed(tiny_pair_dirs, tmp_path, monkeypatch):
+    """Lightning moves a loaded module to its checkpoint tensors' device (the CPU after a fit);
+    the module must follow its pair instead, or the first forward drags the pair along."""
+    import lightning
+
+    from soft_prompting.pair.loading import ModelPair
+    from soft_prompting.training.module import DivergenceModule
+
+    module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=2, pair_device="cpu")
+    path = tmp_path / "last.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
+    # A pair placed on another device than the checkpoint's (meta stands in for the GPU).
+    monkeypatch.setattr(ModelPair, "device", property(lambda self: torch.device("meta")))
+    loaded = DivergenceModule.load_from_checkpoint(path)
+    assert loaded.soft_prompt.device.type == "meta"

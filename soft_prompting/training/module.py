@@ -210,10 +210,13 @@ class DivergenceModule(pl.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's loader, after :func:`~soft_prompting.run_files.read_checkpoint` has checked
-        the file (one clear error, never an unpickled object)."""
+        the file (one clear error, never an unpickled object). The module ends where its pair was
+        placed (``pair_device``, default ``auto``): Lightning alone would move it to wherever the
+        checkpoint's tensors were saved, and the first forward would then drag the pair there."""
         run_files.read_checkpoint(checkpoint_path)
         kwargs.setdefault("weights_only", True)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return module.to(module.pair.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_same_pair(checkpoint.get("hyper_parameters") or {}, self.hparams, "the checkpoint")
