@@ -60,6 +60,7 @@ def write_texts(folder: Path, count: int, words: int, vocab_size: int, seed: int
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Build the pair, run train (fit, validation, dataset) and evaluate; the timings."""
     device = resolve_device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # what torch_dtype=auto loads
     settings = benchmark.Settings(preset=args.preset, device=str(device), dtype=dtype)
@@ -114,6 +115,9 @@ def run(args: argparse.Namespace) -> dict:
     stages["train_total_s"] = time.perf_counter() - start
     stages["fit_and_validate_s"] = stages["train_total_s"] - stages.get("dataset_s", 0.0)
     records = [json.loads(line) for line in (run_dir / "divergent_dataset.jsonl").open()]
+    if args.json:  # what is measured so far survives a timeout in the evaluation
+        partial = {"preset": args.preset, **stages, "records": len(records), "metrics": metrics}
+        Path(args.json).write_text(json.dumps(partial | {"evaluate_s": None}, default=str) + "\n")
     evaluation = EvaluateConfig(
         model_pair=config.model_pair,
         generation=config.generation,
