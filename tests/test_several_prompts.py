@@ -102,6 +102,11 @@ def test_each_batched_prompt_equals_that_prompt_alone(several, single, fused):
 def test_one_prompt_keeps_the_single_prompt_layout_and_numbers(tiny_pair_dirs, single, several):
     inputs = batch(single.tokenizer)
     assert single.soft_prompt.shape == (4, 32) and single.num_prompts == 1
+    # The single prompt's start is the one it always had: real-token rows drawn with the seed.
+    pair = single.pair
+    ids = torch.randint(0, pair.vocab_size, (4,), generator=torch.Generator().manual_seed(0))
+    embeddings = pair.model_1.get_input_embeddings().weight.detach().float()
+    torch.testing.assert_close(single.soft_prompt.detach(), embeddings[ids], rtol=0, atol=0)
     # Prompt 0 of several starts where a single prompt of the same seed starts.
     torch.testing.assert_close(several.soft_prompt[0], single.soft_prompt, rtol=0, atol=0)
     weighted = DivergenceModule(

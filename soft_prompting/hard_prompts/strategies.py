@@ -225,7 +225,8 @@ def sample_continuations(
         temperature: 0 is greedy.
         side: ``"model_1"`` or ``"model_2"``.
         alpha: amplification of ``side``'s logit difference (0: none).
-        use_prompt: prepend the trained soft prompt to both models.
+        use_prompt: prepend the trained soft prompt to both models (``module.active_prompt``:
+            with several prompts, the one :func:`propose_candidates` is running).
         generator: random stream of the draws (a fresh one seeded 0 when None).
 
     Returns:
