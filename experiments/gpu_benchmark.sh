@@ -3,7 +3,8 @@
 # experiments/results/gpu_<device>.json.
 #
 #   bash experiments/gpu_benchmark.sh train      # 7B-architecture pair: training MFU with and
-#                                                # without checkpointing, generation tokens/s (~4 min)
+#                                                # without checkpointing, generation tokens/s, a
+#                                                # profile of the step (~5 min)
 #   bash experiments/gpu_benchmark.sh pipeline   # the whole pipeline on that pair (9 min limit)
 #   bash experiments/gpu_benchmark.sh small      # body_heavy and vocab_heavy with naive baselines
 #   bash experiments/gpu_benchmark.sh            # train, then pipeline
@@ -121,6 +122,8 @@ else
         bench llama7b_no_checkpointing 200 --preset llama7b --no-gradient-checkpointing \
             --repeats 5 --gen-repeats 2
         bench llama7b 200 --preset llama7b --repeats 5 --gen-repeats 1
+        # Where the step's time goes: torch.profiler's top kernels by device time.
+        bench llama7b_profile 120 --preset llama7b --no-gradient-checkpointing --profile
     fi
     if [ "$PART" = pipeline ] || [ "$PART" = all ]; then
         # Train 200 steps at 8 x 256, 256 candidates x 4 samples x 64 tokens, evaluate.
