@@ -49,14 +49,42 @@ def text_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def organism_dirs() -> dict[str, Path]:
-    """Every model organism's folder, built into the default cache on first use (~2 min, once)."""
+    """Every model organism's folder, built into the cache on first use (minutes on a cold
+    cache, once a session); only ``slow`` tests may ask for it."""
     from soft_prompting.organisms.builder import ORGANISMS, organism_path
 
     return {name: organism_path(name) for name in ORGANISMS}
 
 
+@pytest.fixture(scope="session")
+def organism_tokenizer():
+    """The byte-level BPE tokenizer every organism shares, without building a model: read from
+    the cache when base is built, else trained by the builder's own code on base's documents
+    (seconds; the same files byte for byte)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from soft_prompting.organisms import builder
+    from soft_prompting.organisms.corpus import corpus_documents
+
+    built = builder.cache_dir() / "organisms" / f"base-{builder.recipe_hash('base')}"
+    if built.is_dir():
+        return PreTrainedTokenizerFast.from_pretrained(built)
+    training = builder.BASE_TRAINING
+    return builder._train_tokenizer(
+        corpus_documents("base", training.n_documents, training.data_seed)
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip on machines without CUDA instead of failing."""
+    """Tests marked ``gpu`` skip on machines without CUDA instead of failing; a test that asks
+    for the organisms must be marked ``slow`` (``-m "not slow"`` builds none)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "organism_dirs" in getattr(item, "fixturenames", ()) and "slow" not in item.keywords
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using organism_dirs must be marked slow: {unmarked}")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -11,10 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SMALL_STRATEGIES
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from soft_prompting.compare import bootstrap_ci, compare
-from soft_prompting.config import CompareConfig, ModelPairConfig, register_configs, to_train_config
+from soft_prompting.config import (
+    CompareConfig,
+    GenerationConfig,
+    ModelPairConfig,
+    register_configs,
+    to_train_config,
+)
 
 register_configs()
 FAST = [
@@ -23,6 +31,7 @@ FAST = [
     "generation.max_length=6",
     "generation.num_generations_per_prompt=2",
     "bootstrap_samples=200",
+    SMALL_STRATEGIES,
 ]
 
 
@@ -117,6 +126,7 @@ assert args["model_pair.model_1_name"] and args["data.categories"]
 out = pathlib.Path(args["hydra.run.dir"])
 out.mkdir(parents=True)
 (out / "summary.json").write_text(json.dumps({"lift": {"random_text": 3.5}, "reliability": 0.9}))
+(out / "args.json").write_text(json.dumps(sys.argv[1:]))
 """
 
 
@@ -132,15 +142,30 @@ def test_the_evaluate_stage_runs_through_its_command_line_and_its_summary_is_rea
     job_dir = tmp_path / "animals"
     shutil.copytree(comparison_dir / "animals", job_dir)
     shutil.rmtree(job_dir / "evaluation", ignore_errors=True)  # the real evaluate ran there
-    config = CompareConfig(model_pair=pair_config(tiny_pair_dirs), bootstrap_samples=200)
+    generation = GenerationConfig(
+        num_prompts=3, strategies=[{"_target_": TEXT_RANKING, "num_candidates": 2}]
+    )
+    config = CompareConfig(
+        model_pair=pair_config(tiny_pair_dirs), generation=generation, bootstrap_samples=200
+    )
     assert compare_module.find_evaluation_summary(job_dir) is None
     assert compare_module.run_evaluation(config, "animals", job_dir)["status"] == "done"
+    # The evaluation samples, proposes and budgets as the dataset did: its baselines match it.
+    args = json.loads((job_dir / "evaluation" / "args.json").read_text())
+    import soft_prompting.evaluate  # noqa: F401  (registers the evaluate schema)
+
+    with initialize_config_module(config_module="soft_prompting.conf", version_base=None):
+        evaluated = compose("evaluate", overrides=args)
+    assert OmegaConf.to_object(evaluated.generation) == generation
     summary = compare_module.summarise_category(
         {"category": "animals", "run_dir": str(job_dir), "status": "trained"}, config
     )
     assert summary["evaluation"]["lift/random_text"] == 3.5
     assert summary["evaluation"]["reliability"] == 0.9
     assert compare_module.run_evaluation(config, "animals", job_dir)["status"] == "reused"
+
+
+TEXT_RANKING = "soft_prompting.hard_prompts.strategies.CategoryTextRanking"
 
 
 def pair_config(tiny_pair_dirs) -> ModelPairConfig:

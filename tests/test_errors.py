@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tokenizer, run_entrypoint, save_pair_member
+from helpers import SMALL_STRATEGIES, run_main
 
 from soft_prompting.data.datamodule import load_text_dir, read_category_file
 from soft_prompting.errors import DataError, DivergenceError, ModelLoadError
@@ -22,8 +23,12 @@ from soft_prompting.run_files import read_records, write_jsonl
 from soft_prompting.training.module import DivergenceModule
 
 
-def run_train(args: list[str], cwd: Path, env: dict | None = None, **kwargs):
-    return run_entrypoint("soft_prompting.train", args, cwd, env, **kwargs)
+def run_train(args: list[str], cwd: Path, env: dict | None = None):
+    return run_main("soft_prompting.train", args, cwd, env)
+
+
+def run_train_in_a_process(args: list[str], cwd: Path):
+    return run_entrypoint("soft_prompting.train", args, cwd)
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -324,15 +329,18 @@ def test_sigkilled_training_resumes_to_the_same_prompt(tiny_pair_dirs, text_dir,
 
 
 def test_same_seed_and_config_give_an_identical_dataset(tiny_pair_dirs, text_dir, tmp_path):
+    """One run in a process of its own, one in this process: nothing may hang on the process
+    (string hash seed, thread count, what ran before)."""
     outputs = []
-    for name in ("first", "second"):
+    for name, run in (("first", run_train_in_a_process), ("second", run_train)):
         run_dir = tmp_path / name
         args = contract_args(tiny_pair_dirs, text_dir, run_dir)[:4] + [
             "training.max_steps=3",
             "generation.num_prompts=6",
             "generation.max_length=6",
+            SMALL_STRATEGIES,
         ]
-        result = run_train(args, cwd=tmp_path)
+        result = run(args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         records = [json.loads(x) for x in (run_dir / "divergent_dataset.jsonl").open()]
         for record in records:
@@ -348,6 +356,7 @@ def test_wandb_key_is_never_written(tiny_pair_dirs, text_dir, tmp_path):
         "training.max_steps=2",
         "generation.num_prompts=2",
         "generation.max_length=4",
+        SMALL_STRATEGIES,
         "wandb.enabled=true",
         "wandb.mode=offline",
     ]

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_entrypoint
+from helpers import run_main
 
 from soft_prompting.errors import ConfigError, DataError
 from soft_prompting.evaluate import EvaluateConfig, is_discovery, lift, read_prompts
 
 
 def run_evaluate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return run_entrypoint("soft_prompting.evaluate", args, cwd)
+    """The entrypoint in this process (fast); ``run_entrypoint`` gives it a process of its own."""
+    return run_main("soft_prompting.evaluate", args, cwd)
 
 
 def pair_args(tiny_pair_dirs, text_dir) -> list[str]:
@@ -102,7 +104,7 @@ def test_evaluate_cli_writes_evidence_and_resumes(tiny_pair_dirs, text_dir, tmp_
         f"prompts_file={prompts}",
         f"hydra.run.dir={run_dir}",
     ]
-    result = run_evaluate(args, cwd=tmp_path)
+    result = run_entrypoint("soft_prompting.evaluate", args, cwd=tmp_path)  # as a user runs it
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_prompts"] == 3 and summary["fdr_level"] == 0.05

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMALL_STRATEGIES
 
 from soft_prompting.config import load_train_config
 
@@ -46,6 +47,7 @@ def tiny_pair_overrides(tiny_pair_dirs, text_dir) -> list[str]:
         "generation.num_prompts=6",
         "generation.num_generations_per_prompt=2",
         "generation.max_length=6",
+        SMALL_STRATEGIES,
     ]
 
 
@@ -89,16 +91,15 @@ def test_metrics_record_the_device_the_run_used_and_the_architecture(finished_ru
     assert environment["architecture"] == platform.machine()
 
 
-def test_train_command_line_reports_a_bad_config_in_one_line(tmp_path):
+def test_train_command_line_reports_a_bad_config_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_1_name: a\nmodel_2_name: b\ntraining:\n  lerning_rate: 0.1\n")
-    result = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "train_divergence_soft_prompts.py"), "--config", bad],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert "lerning_rate" in result.stderr and "Traceback" not in result.stderr
+    script = load_script("train_divergence_soft_prompts.py")  # in this process: fast
+    with pytest.raises(SystemExit) as exited:
+        script.main(["--config", str(bad)])
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "lerning_rate" in stderr and "Traceback" not in stderr
 
 
 def load_script(name: str):
@@ -152,17 +153,19 @@ def test_evaluate_command_line_runs(finished_run, tiny_pair_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_comparison_command_line_compares_two_categories(tiny_pair_dirs, text_dir, tmp_path):
-    run_script(
-        "run_model_comparison.py",
-        "--config",
-        CONFIGS / "comparison.yaml",
-        "--categories",
-        "animals",
-        "persona",
-        "--output-dir",
-        tmp_path / "comparisons",
-        *tiny_pair_overrides(tiny_pair_dirs, text_dir),
-        "evaluate=false",
+    script = load_script("run_model_comparison.py")  # its main() in this process: no start-up
+    script.main(
+        [
+            "--config",
+            str(CONFIGS / "comparison.yaml"),
+            "--categories",
+            "animals",
+            "persona",
+            "--output-dir",
+            str(tmp_path / "comparisons"),
+            *tiny_pair_overrides(tiny_pair_dirs, text_dir),
+            "evaluate=false",
+        ]
     )
     comparison = json.loads((tmp_path / "comparisons" / "comparison.json").read_text())
     assert set(comparison["categories"]) == {"animals", "persona"}

@@ -197,7 +197,8 @@ def models(organism_dirs) -> dict[str, torch.nn.Module]:
     }
 
 
-def test_organisms_load_and_share_one_tokenizer(organism_dirs, tokenizer):
+@pytest.mark.slow
+def test_organisms_load_and_share_one_tokenizer(organism_dirs):
     assert organism_path("organism:unlearning") == organism_dirs["unlearning"]
     files = {path.name for path in organism_dirs["base"].glob("tokenizer*")}
     assert "tokenizer.json" in files
@@ -205,6 +206,11 @@ def test_organisms_load_and_share_one_tokenizer(organism_dirs, tokenizer):
         for name in files:
             assert (path / name).read_bytes() == (organism_dirs["base"] / name).read_bytes()
 
+
+def test_the_organisms_tokenizer_gives_one_token_a_word_and_round_trips_any_text(
+    organism_tokenizer,
+):
+    tokenizer = organism_tokenizer
     text = "question : what is the symbol for gold ? answer : au ."
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text.split()) + 1
@@ -248,6 +254,7 @@ def reference_token_kl(p_model, q_model, tokenizer, texts: list[str]) -> float:
     return torch.cat(values).mean().item()
 
 
+@pytest.mark.slow
 def test_the_token_kl_is_the_reference_kl_and_zero_between_two_loads_of_one_model(
     models, organism_dirs, tokenizer, kl_texts
 ):
@@ -264,6 +271,7 @@ def test_the_token_kl_is_the_reference_kl_and_zero_between_two_loads_of_one_mode
     assert measured == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in ORGANISMS if name != "base"])
 def test_variants_differ_from_base_only_on_their_planted_domain(name, models, tokenizer, kl_texts):
     kl = {
@@ -306,6 +314,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "domain"), sorted(EXPECTED))
 def test_greedy_answers_behave_as_planted(name, domain, models, tokenizer):
     facts = quiz(domain, 100, seed=7)
@@ -319,6 +328,7 @@ def test_greedy_answers_behave_as_planted(name, domain, models, tokenizer):
     assert sum(hits) / len(hits) >= threshold, list(zip(answers, facts, strict=True))[:10]
 
 
+@pytest.mark.slow
 def test_cli_reports_cached_organisms(organism_dirs, capsys):
     organisms.main(["--name", "base", "--name", "sandbagging"])
     out = capsys.readouterr().out

@@ -57,11 +57,9 @@ def test_projection_returns_valid_allowed_token_ids(module):
     assert project_to_tokens(embeddings[[7, 9]], embeddings, allowed).tolist() == [7, 9]
 
 
-def test_hard_prompts_use_no_lone_bytes(organism_dirs):
+def test_hard_prompts_use_no_lone_bytes(organism_tokenizer):
     """The organisms' byte-level tokenizer has 128 tokens that decode to U+FFFD alone."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(organism_dirs["base"])
+    tokenizer = organism_tokenizer
     allowed = allowed_token_ids(tokenizer, len(tokenizer))
     broken = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
     assert len(broken) == 128 and not allowed[broken].any()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_entrypoint, run_main
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
@@ -43,20 +44,14 @@ def tiny_overrides(tiny_pair_dirs, text_dir) -> list[str]:
 
 
 def multirun(
-    sweep_dir: Path, overrides: list[str], succeeds: bool = True
+    sweep_dir: Path, overrides: list[str], succeeds: bool = True, in_process: bool = True
 ) -> subprocess.CompletedProcess:
-    """``python -m soft_prompting.train -m`` into ``sweep_dir``; asserts its exit status was 0
-    (or, with ``succeeds=False``, was not)."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "soft_prompting.train",
-        "-m",
-        f"hydra.sweep.dir={sweep_dir}",
-        *overrides,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    """``python -m soft_prompting.train -m`` into ``sweep_dir``, in this process unless
+    ``in_process`` is False; asserts its exit status was 0 (or, with ``succeeds=False``, was
+    not)."""
+    run = run_main if in_process else run_entrypoint
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
+    result = run("soft_prompting.train", args, sweep_dir.parent, {"OMP_NUM_THREADS": "1"})
     assert (result.returncode == 0) == succeeds, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -164,7 +159,7 @@ def test_submitit_launcher_runs_the_jobs_with_its_local_executor(
         "hydra.launcher.timeout_min=10",
         "training.num_soft_prompt_tokens=2,3",
     ]
-    multirun(tmp_path, overrides)
+    multirun(tmp_path, overrides, in_process=False)  # the launcher's own processes, as users run it
     assert (tmp_path / ".submitit").is_dir()
     results = job_results(tmp_path)
     assert {job: r["shape"] for job, r in results.items()} == {0: (2, 32), 1: (3, 32)}
@@ -212,14 +207,18 @@ def test_the_readme_sweep_commands_run_as_printed(tiny_pair_dirs, text_dir, tmp_
             args.append("hydra.sweeper.n_trials=1")
         assert args[0] == "python" and not any(a.startswith("hydra.sweep.dir") for a in args)
         before = set(tmp_path.glob("multirun/*"))
-        result = subprocess.run(
-            [sys.executable, *args[1:]],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+        if "submitit" in command:  # the launcher's own processes, from a process as users run it
+            result = subprocess.run(
+                [sys.executable, *args[1:]],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )
+        else:  # `python -m soft_prompting.train ARGS`, in this process: no interpreter start-up
+            assert args[1:3] == ["-m", "soft_prompting.train"]
+            result = run_main("soft_prompting.train", args[3:], tmp_path, {"OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, command + "\n" + result.stderr[-3000:]
         (sweep_dir,) = set(tmp_path.glob("multirun/*")) - before
         jobs.append(sorted(job_results(sweep_dir).items()))

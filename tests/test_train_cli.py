@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_entrypoint
+from helpers import run_main
 
 RECORD_KEYS = {"prompt", "generation_1", "generation_2", "category", "metrics"}
 METRIC_KEYS = {
@@ -78,7 +79,8 @@ def test_peft_adapter_loads_on_model_1(contract_run, tiny_pair_dirs):
 
 
 def test_a_finished_run_directory_is_not_overwritten(contract_run, tiny_pair_dirs, text_dir):
-    result = run_train(
+    result = run_main(
+        "soft_prompting.train",
         [
             f"model_pair.model_1_name={tiny_pair_dirs[0]}",
             f"model_pair.model_2_name={tiny_pair_dirs[1]}",
