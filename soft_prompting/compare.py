@@ -187,6 +187,8 @@ def run_evaluation(config: CompareConfig, category: str, job_dir: Path) -> dict:
         f"prompts_file={job_dir / run_files.DATASET_JSONL}",
         *to_overrides({"model_pair": dataclasses.asdict(config.model_pair)}),
         *to_overrides({"data": {k: v for k, v in data.items() if v is not None}}),
+        # The same sampling, strategies and budget as the dataset: the baselines are matched to it.
+        *to_overrides({"generation": dataclasses.asdict(config.generation)}),
         f"seed={config.seed}",
         f"training.accelerator={config.training.accelerator}",  # the same device as training
         f"hydra.run.dir={job_dir / run_files.EVALUATION}",
