@@ -287,3 +287,18 @@ def test_resuming_with_another_number_of_prompts_names_the_fix(tmp_path):
         resume_checkpoint(config, tmp_path)
     config.training.num_prompts = 2
     assert resume_checkpoint(config, tmp_path)[0] == ckpt
+
+
+@pytest.mark.slow
+def test_the_train_command_with_two_prompts(tmp_path, tiny_pair_dirs, text_dir):
+    from conftest import train_tiny_pair
+
+    run = train_tiny_pair(tmp_path / "run", tiny_pair_dirs, text_dir, "training.num_prompts=2")
+    assert run["prompt"].shape == (2, 4, 32)
+    metrics = run["metrics"]
+    mean = (metrics["val/divergence_prompt_0"] + metrics["val/divergence_prompt_1"]) / 2
+    assert metrics["val/divergence"] == pytest.approx(mean, rel=1e-5)
+    assert "per prompt: " in run["output"]
+    for k in (0, 1):
+        adapter = tmp_path / "run" / "soft_prompt" / f"prompt_{k}"
+        assert (adapter / "adapter_model.safetensors").is_file()
