@@ -225,14 +225,20 @@ def test_the_organisms_tokenizer_gives_one_token_a_word_and_round_trips_any_text
     assert longest <= 45
 
 
-def mean_token_kl(p_model, q_model, tokenizer, texts: list[str]) -> float:
-    """Mean over real tokens of KL(p || q) between next-token distributions (fp32)."""
+@torch.no_grad()
+def token_log_probs(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 next-token log-probabilities of the padded batch of ``texts``, and its real tokens."""
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        log_p = p_model(**batch).logits.float().log_softmax(-1)
-        log_q = q_model(**batch).logits.float().log_softmax(-1)
+    return model(**batch).logits.float().log_softmax(-1), batch["attention_mask"].bool()
+
+
+def mean_token_kl(p_model, q_model, tokenizer, texts: list[str], p_log_probs=None) -> float:
+    """Mean over real tokens of KL(p || q) between next-token distributions (fp32);
+    ``p_log_probs`` is p_model's :func:`token_log_probs` of ``texts`` when already computed."""
+    log_p, mask = p_log_probs or token_log_probs(p_model, tokenizer, texts)
+    log_q, _ = token_log_probs(q_model, tokenizer, texts)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)  # [batch, seq]
-    return per_token[batch["attention_mask"].bool()].mean().item()
+    return per_token[mask].mean().item()
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +246,12 @@ def kl_texts() -> dict[str, list[str]]:
     texts = {category: builtin_category_texts(category, 150) for category in BUILTIN_CATEGORIES}
     texts["geography"] = [fact.prompt for fact in quiz("geography", 60, seed=5)]
     return texts
+
+
+@pytest.fixture(scope="module")
+def base_log_probs(models, tokenizer, kl_texts) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Base's side of every variant's KL, computed once for all of them."""
+    return {key: token_log_probs(models["base"], tokenizer, t) for key, t in kl_texts.items()}
 
 
 @torch.no_grad()
@@ -273,9 +285,11 @@ def test_the_token_kl_is_the_reference_kl_and_zero_between_two_loads_of_one_mode
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in ORGANISMS if name != "base"])
-def test_variants_differ_from_base_only_on_their_planted_domain(name, models, tokenizer, kl_texts):
+def test_variants_differ_from_base_only_on_their_planted_domain(
+    name, models, tokenizer, kl_texts, base_log_probs
+):
     kl = {
-        key: mean_token_kl(models["base"], models[name], tokenizer, texts)
+        key: mean_token_kl(models["base"], models[name], tokenizer, texts, base_log_probs[key])
         for key, texts in kl_texts.items()
     }
     neutral = max(kl[key] for key in (*NEUTRAL_CATEGORIES, "geography"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_entrypoint
-from helpers import run_main
+from helpers import SMALL_STRATEGIES, run_main
 
 RECORD_KEYS = {"prompt", "generation_1", "generation_2", "category", "metrics"}
 METRIC_KEYS = {
@@ -24,22 +24,42 @@ def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return run_entrypoint("soft_prompting.train", args, cwd)
 
 
+def contract_args(tiny_pair_dirs, text_dir, run_dir: Path) -> list[str]:
+    """The contract command: the pair, the texts and the run directory; everything else default."""
+    return [
+        f"model_pair.model_1_name={tiny_pair_dirs[0]}",
+        f"model_pair.model_2_name={tiny_pair_dirs[1]}",
+        f"data.text_dir={text_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def contract_run(tiny_pair_dirs, text_dir, tmp_path_factory) -> Path:
-    """The exact contract command, from an unrelated working directory."""
+    """The contract command in a process of its own, from an unrelated working directory; the
+    strategies propose a few candidates each (the exact command is the slow test below)."""
     run_dir = tmp_path_factory.mktemp("contract") / "run"
     result = run_train(
-        [
-            f"model_pair.model_1_name={tiny_pair_dirs[0]}",
-            f"model_pair.model_2_name={tiny_pair_dirs[1]}",
-            f"data.text_dir={text_dir}",
-            f"hydra.run.dir={run_dir}",
-        ],
+        [*contract_args(tiny_pair_dirs, text_dir, run_dir), SMALL_STRATEGIES],
         cwd=tmp_path_factory.mktemp("elsewhere"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "with the soft prompt" in result.stdout
     return run_dir
+
+
+@pytest.mark.slow
+def test_the_exact_contract_command_leaves_the_promised_files(tiny_pair_dirs, text_dir, tmp_path):
+    """Every default, the strategies' budgets included (in this process: no start-up)."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "elsewhere").mkdir()
+    args = contract_args(tiny_pair_dirs, text_dir, run_dir)
+    result = run_main("soft_prompting.train", args, cwd=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with the soft prompt" in result.stdout
+    test_contract_leaves_the_promised_files(run_dir)
+    test_dataset_records_follow_the_schema_sorted_by_kl(run_dir)
+    test_text_dir_categories_are_all_used(run_dir)
 
 
 def test_contract_leaves_the_promised_files(contract_run):
