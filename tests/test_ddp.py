@@ -73,7 +73,9 @@ def test_a_nan_on_another_rank_stops_this_rank_too(tiny_pair_dirs, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_process(tiny_pair_dirs, text_dir, tmp_path_factory) -> dict:
-    return train_tiny_pair(tmp_path_factory.mktemp("one"), tiny_pair_dirs, text_dir)
+    return train_tiny_pair(
+        tmp_path_factory.mktemp("one"), tiny_pair_dirs, text_dir, in_process=True
+    )
 
 
 def assert_same_run(two: dict, one: dict) -> None:
