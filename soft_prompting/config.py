@@ -665,7 +665,10 @@ def _override_value(value) -> str:
     if isinstance(value, list | tuple):
         return "[" + ",".join(_override_value(item) for item in value) + "]"
     if isinstance(value, Mapping):  # e.g. a strategy in generation.strategies
-        return "{" + ",".join(f"{key}:{_override_value(item)}" for key, item in value.items()) + "}"
+        # "key: value", as Hydra and YAML (OmegaConf's dotlist, the experiment scripts) both read it
+        return (
+            "{" + ", ".join(f"{key}: {_override_value(item)}" for key, item in value.items()) + "}"
+        )
     # Inside Hydra quotes only backslashes before a quote (or at the end) and ${ need escaping.
     text = re.sub(r"(\\+)('|$)", lambda m: m.group(1) * 2 + m.group(2), str(value))
     return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from soft_prompting.config import to_overrides
 from soft_prompting.organisms.tiny import random_llama, word_tokenizer
 
 WORDS = (
@@ -20,25 +21,40 @@ WORDS = (
 
 
 _STRATEGIES = "soft_prompting.hard_prompts.strategies."
-SMALL_STRATEGIES = (
-    "generation.strategies=["
-    + ", ".join(
-        [
-            f"{{_target_: {_STRATEGIES}CategoryTextRanking, texts_per_category: 8, num_candidates: 8}}",
-            f"{{_target_: {_STRATEGIES}SoftPromptExploration, num_seeds: 2, samples_per_seed: 2, "
-            "max_new_tokens: 6, num_candidates: 4}",
-            f"{{_target_: {_STRATEGIES}ContrastiveExploration, num_seeds: 2, samples_per_seed: 2, "
-            "max_new_tokens: 6, num_candidates: 4}",
-            f"{{_target_: {_STRATEGIES}ProjectionSearch, num_steps: 2, search_batch: 4, "
-            "num_restarts: 1, num_candidates: 2}",
-            f"{{_target_: {_STRATEGIES}WhiteBoxPrior, num_tokens: 2, texts_per_token: 4, "
-            "num_candidates: 4}",
-        ]
-    )
-    + "]"
-)
+SMALL_STRATEGY_LIST = [
+    {"_target_": f"{_STRATEGIES}CategoryTextRanking", "texts_per_category": 8, "num_candidates": 8},
+    {
+        "_target_": f"{_STRATEGIES}SoftPromptExploration",
+        "num_seeds": 2,
+        "samples_per_seed": 2,
+        "max_new_tokens": 6,
+        "num_candidates": 4,
+    },
+    {
+        "_target_": f"{_STRATEGIES}ContrastiveExploration",
+        "num_seeds": 2,
+        "samples_per_seed": 2,
+        "max_new_tokens": 6,
+        "num_candidates": 4,
+    },
+    {
+        "_target_": f"{_STRATEGIES}ProjectionSearch",
+        "num_steps": 2,
+        "search_batch": 4,
+        "num_restarts": 1,
+        "num_candidates": 2,
+    },
+    {
+        "_target_": f"{_STRATEGIES}WhiteBoxPrior",
+        "num_tokens": 2,
+        "texts_per_token": 4,
+        "num_candidates": 4,
+    },
+]
 """The default strategies, each a few candidates: a run's dataset in seconds, every kind of
 proposal still exercised (the defaults spend most of a tiny run proposing)."""
+SMALL_STRATEGIES = to_overrides({"generation": {"strategies": SMALL_STRATEGY_LIST}})[0]
+""":data:`SMALL_STRATEGY_LIST` as a command-line override."""
 
 
 def make_tokenizer(extra_words: tuple[str, ...] = ()):

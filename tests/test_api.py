@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import SMALL_STRATEGY_LIST
 from torch.utils.data import DataLoader
 
 from soft_prompting.config import TrainConfig, load_train_config, to_overrides
@@ -193,7 +194,12 @@ def api_trainer(tiny_pair_dirs, tmp_path_factory):
         "model_2_name": tiny_pair_dirs[1],
         "training": {"num_soft_prompt_tokens": 2, "max_steps": 2, "batch_size": 4},
         "data": {"max_texts_per_category": 12},
-        "generation": {"num_prompts": 4, "num_generations_per_prompt": 1, "max_length": 4},
+        "generation": {
+            "num_prompts": 4,
+            "num_generations_per_prompt": 1,
+            "max_length": 4,
+            "strategies": SMALL_STRATEGY_LIST,
+        },
     }
     return DivergenceTrainer(config=config, output_dir=tmp_path_factory.mktemp("api"), **quiet())
 
