@@ -147,6 +147,7 @@ def test_evaluate_command_line_runs(finished_run, tiny_pair_dirs, tmp_path):
         f"model_2_name={tiny_pair_dirs[1]}",
         "generation.num_generations_per_prompt=2",
         "generation.max_length=6",
+        SMALL_STRATEGIES,  # the untrained-pipeline baseline's proposals
     )
     assert any((tmp_path / "evaluation").iterdir())
 
