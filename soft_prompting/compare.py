@@ -191,6 +191,9 @@ def run_evaluation(config: CompareConfig, category: str, job_dir: Path) -> dict:
         *to_overrides({"generation": dataclasses.asdict(config.generation)}),
         f"seed={config.seed}",
         f"training.accelerator={config.training.accelerator}",  # the same device as training
+        # As many untrained prompts as the run trained: the untrained_pipeline baseline is matched.
+        f"training.num_prompts={config.training.num_prompts}",
+        f"training.num_soft_prompt_tokens={config.training.num_soft_prompt_tokens}",
         f"hydra.run.dir={job_dir / run_files.EVALUATION}",
     ]
     print(f"[compare] category {category!r}: evaluating")

@@ -70,8 +70,8 @@ from soft_prompting.run_files import environment, read_records, write_json, writ
 BASELINES: dict[str, str] = {
     "text_ranking": "the category texts ranked by the pair's divergence and cut at their peak "
     "(CategoryTextRanking alone: no soft prompt)",
-    "untrained_pipeline": "every strategy of generation.strategies run with an untrained soft "
-    "prompt (the same initialisation, zero training steps)",
+    "untrained_pipeline": "every strategy of generation.strategies run with untrained soft "
+    "prompts (training.num_prompts of them, the same initialisation, zero training steps)",
     "random_text_cut": "random category texts, each cut at its own divergence peak",
 }
 """The selection-matched baselines ``evaluate`` can run, by name."""
@@ -87,8 +87,9 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """The category texts the baselines start from."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    """Only ``num_soft_prompt_tokens`` (the untrained soft prompt's length) and ``accelerator``
-    (where the pair is scored) are used."""
+    """Only ``num_soft_prompt_tokens`` (the untrained soft prompt's length), ``num_prompts`` (how
+    many untrained prompts the ``untrained_pipeline`` baseline proposes from, as the run trained)
+    and ``accelerator`` (where the pair is scored) are used."""
     prompts_file: str = MISSING
     """The prompts: .jsonl or .pt records with a ``prompt`` field, or .txt one prompt a line."""
     soft_prompt_checkpoint: str | None = None
@@ -245,22 +246,31 @@ def check_soft_prompt_checkpoint(path: str, pair_args: dict, module=None) -> tor
     return prompt
 
 
-def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
-    """The recipe: prompts → pair → confirm on fresh samples → baselines → test → summary."""
+def untrained_module(config: EvaluateConfig, pair_args: dict):
+    """The pair, with ``training.num_prompts`` untrained soft prompts (the baselines' and the
+    scoring's module), placed on ``training.accelerator``."""
     from soft_prompting.training.module import DivergenceModule
 
+    return DivergenceModule(
+        **pair_args,
+        num_soft_prompt_tokens=config.training.num_soft_prompt_tokens,
+        # As many untrained prompts as the run trained: the soft-prompt strategies run once per
+        # prompt for the dataset, so the untrained_pipeline baseline must too (selection-matched).
+        num_prompts=config.training.num_prompts,
+        seed=config.seed,
+        pair_device=str(resolve_device(config.training.accelerator)),
+    ).eval()
+
+
+def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
+    """The recipe: prompts → pair → confirm on fresh samples → baselines → test → summary."""
     rows = read_prompts(config.prompts_file)[: config.max_prompts]
     pair_args = {k: v for k, v in asdict(config.model_pair).items() if k != "description"}
     if config.soft_prompt_checkpoint:  # checked before any work; never unpickled
         check_soft_prompt_checkpoint(config.soft_prompt_checkpoint, pair_args)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    module = DivergenceModule(
-        **pair_args,
-        num_soft_prompt_tokens=config.training.num_soft_prompt_tokens,
-        seed=config.seed,
-        pair_device=str(resolve_device(config.training.accelerator)),
-    ).eval()
+    module = untrained_module(config, pair_args)
     print(f"evaluating on {module.pair.device} ({module.pair.model_1.dtype})")
     select = SamplingSettings.from_config(config.generation)
     confirm = dataclasses.replace(select, num_generations_per_prompt=config.confirm_generations)
