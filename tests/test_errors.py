@@ -330,7 +330,7 @@ def test_sigkilled_training_resumes_to_the_same_prompt(tiny_pair_dirs, text_dir,
 
 def test_same_seed_and_config_give_an_identical_dataset(tiny_pair_dirs, text_dir, tmp_path):
     """One run in a process of its own, one in this process: nothing may hang on the process
-    (string hash seed, thread count, what ran before)."""
+    (its string hash seed, what ran in it before)."""
     outputs = []
     for name, run in (("first", run_train_in_a_process), ("second", run_train)):
         run_dir = tmp_path / name
