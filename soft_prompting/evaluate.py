@@ -93,7 +93,9 @@ class EvaluateConfig:
     prompts_file: str = MISSING
     """The prompts: .jsonl or .pt records with a ``prompt`` field, or .txt one prompt a line."""
     soft_prompt_checkpoint: str | None = None
-    """A trained ``last.ckpt``: its divergence on the random texts is reported for reference."""
+    """A trained ``last.ckpt``: its divergence on the random texts is reported for reference
+    (``summary.json``'s ``trained_soft_prompt.teacher_forced_divergence``; for a checkpoint of K
+    prompts the mean over them, each prompt's own in ``teacher_forced_divergence_per_prompt``)."""
     max_prompts: int | None = None
     """Evaluate only the first this many prompts (null: all)."""
     name: str = "evaluation"
@@ -531,9 +533,22 @@ def summarise(
         texts = [r["prompt"] for r in baselines.get("random_text_cut", records)]
         summary["trained_soft_prompt"] = {
             "checkpoint": config.soft_prompt_checkpoint,
-            "teacher_forced_divergence": teacher_forced_divergence(module, texts, trained),
+            **trained_prompt_divergences(module, texts, trained),
         }
     return summary
+
+
+def trained_prompt_divergences(module, texts: list[str], trained: torch.Tensor) -> dict:
+    """``teacher_forced_divergence`` of a trained ``[P, H]`` prompt on ``texts``; of a ``[K, P, H]``
+    checkpoint (``training.num_prompts = K``), the mean over its K prompts, and each prompt's own
+    value in ``teacher_forced_divergence_per_prompt`` (prompt order of the checkpoint)."""
+    if trained.dim() == 2:
+        return {"teacher_forced_divergence": teacher_forced_divergence(module, texts, trained)}
+    per_prompt = [teacher_forced_divergence(module, texts, prompt) for prompt in trained]
+    return {
+        "teacher_forced_divergence": sum(per_prompt) / len(per_prompt),
+        "teacher_forced_divergence_per_prompt": per_prompt,
+    }
 
 
 def _fmt(value) -> str:

@@ -53,3 +53,25 @@ def test_compare_passes_the_number_of_prompts_to_evaluate(tiny_pair_dirs, tmp_pa
         evaluated = compose("evaluate", overrides=command[3:])
     assert evaluated.training.num_prompts == 3
     assert evaluated.training.num_soft_prompt_tokens == 5
+
+
+def test_a_k_prompt_checkpoint_reports_each_prompts_divergence_and_their_mean(tiny_pair_dirs):
+    import pytest
+    import torch
+
+    from soft_prompting.evaluate import teacher_forced_divergence, trained_prompt_divergences
+    from soft_prompting.training.module import DivergenceModule
+
+    module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=3).eval()
+    texts = ["the cat sat on the mat", "one plus two is three"]
+    trained = torch.randn(2, 3, module.pair.hidden_size, generator=torch.Generator().manual_seed(0))
+    values = trained_prompt_divergences(module, texts, trained)
+    per_prompt = values["teacher_forced_divergence_per_prompt"]
+    assert per_prompt == [teacher_forced_divergence(module, texts, p) for p in trained]
+    assert per_prompt[0] != per_prompt[1]
+    assert values["teacher_forced_divergence"] == pytest.approx(sum(per_prompt) / 2)
+    assert values["teacher_forced_divergence"] == pytest.approx(
+        teacher_forced_divergence(module, texts, trained), rel=1e-5
+    )
+    single = trained_prompt_divergences(module, texts, trained[1])
+    assert single == {"teacher_forced_divergence": per_prompt[1]}
