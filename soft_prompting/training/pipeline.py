@@ -97,8 +97,7 @@ def build_trainer(
         accumulate_grad_batches=config.training.accumulate_grad_batches,
         val_check_interval=config.training.val_check_interval,
         log_every_n_steps=config.training.log_every_n_steps,
-        accelerator=config.training.accelerator,
-        devices=config.training.devices,
+        **lightning_devices(config.training.accelerator, config.training.devices),
         num_nodes=config.training.num_nodes,
         strategy=config.training.strategy,
         use_distributed_sampler=False,  # the datamodule's batch sampler shards across ranks itself
@@ -123,6 +122,26 @@ def build_trainer(
     arguments |= overrides
     arguments["strategy"] = resolve_strategy(arguments["strategy"])
     return pl.Trainer(**arguments)
+
+
+def lightning_devices(accelerator: str, devices: int) -> dict:
+    """``pl.Trainer``'s ``accelerator`` and ``devices`` for ``training.accelerator`` and
+    ``training.devices``: Lightning does not take ``cuda:N``, so it becomes ``cuda`` on ``[N]``."""
+    kind, _, index = str(accelerator).strip().lower().partition(":")
+    if not index:
+        return {"accelerator": accelerator, "devices": devices}
+    resolve_device(accelerator)  # one line for a malformed name or a machine without CUDA
+    if devices != 1:
+        raise ConfigError(
+            f"training.accelerator={accelerator} names one GPU but training.devices={devices}: "
+            f"use training.accelerator=cuda training.devices={devices}, or training.devices=1"
+        )
+    if int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"training.accelerator={accelerator} but this machine has "
+            f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0: pick one of them"
+        )
+    return {"accelerator": "cuda", "devices": [int(index)]}
 
 
 def fit_to_context(max_length: int, context: int | None) -> int:
