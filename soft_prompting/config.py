@@ -204,7 +204,8 @@ class TrainingConfig:
     weight_decay: float = 0.0
     """Adam weight decay on the soft prompt."""
     gradient_clip_val: float = 1.0
-    """Clip the soft prompt's gradient norm (0 disables)."""
+    """Clip the soft prompt's gradient norm (0 disables; with num_prompts > 1, each prompt's norm
+    on its own)."""
     mixed_precision: Any = "auto"
     """Autocast the frozen pair's forward: auto (bf16 on a GPU with bf16 and on a CPU with native
     bf16, AVX512-BF16 or AMX; fp32 elsewhere), true (bf16, or fp16 on a GPU without bf16) or false

@@ -615,6 +615,23 @@ class DivergenceModule(pl.LightningModule):
             torch.distributed.all_reduce(self.soft_prompt.grad)
             self.soft_prompt.grad.div_(self.trainer.world_size)
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """``training.gradient_clip_val``: with several prompts (``[K, P, H]``) and clipping by
+        norm, each prompt's gradient norm is clipped on its own, as if it were trained alone (one
+        norm over all K would let one prompt's large gradient shrink every other's step).
+        One prompt, or clipping by value: Lightning's clipping."""
+        grad = self.soft_prompt.grad
+        by_norm = gradient_clip_algorithm is None or gradient_clip_algorithm == "norm"
+        if self.soft_prompt.dim() == 3 and gradient_clip_val and by_norm and grad is not None:
+            norms = grad.detach().flatten(1).float().norm(dim=1)  # [K]
+            # torch.nn.utils.clip_grad_norm_'s coefficient, per prompt.
+            factor = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+            grad.mul_(factor.to(grad.dtype)[:, None, None])
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: callbacks (the checkpoint) run before the module's
