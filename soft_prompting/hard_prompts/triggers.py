@@ -30,7 +30,7 @@ class Localisation:
 
     trigger: str
     """The fewest words (in prompt order) whose removal leaves under ``1 - keep`` of the
-    divergence."""
+    divergence; empty when the prompt does not diverge (divergence <= 0)."""
     divergence_without_trigger: float
     """The divergence at the last position once the trigger's words are dropped."""
     trigger_context: str
@@ -67,7 +67,10 @@ def localise(module, prompt: str, keep: float = 0.8, max_words: int = 64) -> Loc
     words = prompt.split()
     head, words = words[: max(0, len(words) - max_words)], words[-max_words:]
     full = last_divergence(module, [prompt])[0]
-    if len(words) <= 1 or full <= 0:
+    if full <= 0:  # nothing diverges: no word carries it, so there is no trigger
+        attributions = [{"word": w, "attribution": round(full, 6)} for w in words]
+        return Localisation("", full, prompt, full, full, attributions)
+    if len(words) <= 1:
         attributions = [{"word": w, "attribution": round(full, 6)} for w in words]
         return Localisation(prompt, 0.0, prompt, full, full, attributions)
 
@@ -87,7 +90,8 @@ def localise(module, prompt: str, keep: float = 0.8, max_words: int = 64) -> Loc
         values = dropped if not trigger else last_divergence(module, [text(o) for o in options])
         best = min(range(len(options)), key=values.__getitem__)
         trigger.append(left[best])
-        left, left_value = options[best], (values[best] if options[best] else 0.0)
+        # Every word gone leaves the head (prompts over max_words), scored like any option.
+        left, left_value = options[best], values[best]
     # Its context: drop other words while keep of the divergence remains.
     kept, kept_value = everything, full
     while len(kept) > len(trigger):
