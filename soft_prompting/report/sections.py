@@ -457,15 +457,20 @@ def highlighted_words(record: dict) -> dict | None:
     divergence lost when the word alone is dropped, over the prompt's largest such loss; a word
     whose removal raises the divergence gets 0) and whether the word belongs to the ``trigger``.
 
-    None when the record was not localised (no ``attributions``)."""
+    None when the record was not localised (no ``attributions``). Records of older datasets (no
+    ``divergence_without_trigger``) used ``trigger`` for the shortest sub-prompt that still
+    diverges: no word of theirs is marked, and that sub-prompt is shown as the context."""
     attributions = record.get("attributions")
     if not attributions:
         return None
+    current = "divergence_without_trigger" in record
+    trigger = str(record.get("trigger") or "") if current else ""
+    context = str(record.get("trigger_context") or ("" if current else record.get("trigger") or ""))
     values = [max(0.0, float(a.get("attribution") or 0.0)) for a in attributions]
     top = max(values) or 1.0
     # The trigger's words are marked where their attribution is highest (a word may repeat).
     marked = [False] * len(attributions)
-    for word in str(record.get("trigger") or "").split():
+    for word in trigger.split():
         places = [i for i, a in enumerate(attributions) if a["word"] == word and not marked[i]]
         if places:
             marked[max(places, key=values.__getitem__)] = True
@@ -476,8 +481,8 @@ def highlighted_words(record: dict) -> dict | None:
     return {
         "words": words,
         "cut": len(str(record.get("prompt", "")).split()) > len(words),
-        "trigger": str(record.get("trigger") or ""),
-        "context": str(record.get("trigger_context") or ""),
+        "trigger": trigger,
+        "context": context,
     }
 
 
