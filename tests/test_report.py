@@ -77,6 +77,7 @@ def run_dir(tmp_path_factory, tiny_pair_dirs) -> Path:
     words = records[0]["prompt"].split()
     records[0] |= {
         "trigger": TRIGGER_WORD,
+        "divergence_without_trigger": 0.01,
         "trigger_context": f"symbol for {TRIGGER_WORD} ? answer :",
         "attributions": [
             {"word": w, "attribution": 2.0 if w == TRIGGER_WORD else 0.5 if w == "symbol" else -0.1}
