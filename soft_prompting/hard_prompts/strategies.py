@@ -666,7 +666,7 @@ def changed_tokens(module, num_tokens: int) -> list[tuple[str, float]]:
             "it proposes nothing"
         )
         return []
-    score = changed_rows_score([(a.float().cpu(), b.float().cpu()) for a, b in rows])
+    score = changed_rows_score(rows)  # on the weights' devices, in row chunks; [V] on the CPU
     score[~allowed_token_ids(pair.tokenizer, pair.vocab_size)] = -1.0
     words: list[tuple[str, float]] = []
     for token_id in score.argsort(descending=True).tolist():
