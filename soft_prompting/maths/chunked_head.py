@@ -55,60 +55,12 @@ def chunked_head_divergence(
     if not mask.any():
         raise ValueError("no position to average over: every position is masked out")
     chunk_rows = chunk_rows or chunk_rows_for(vocab_size, hidden_1.device)
-    needs_grad = torch.is_grad_enabled() and (hidden_1.requires_grad or hidden_2.requires_grad)
-    if not needs_grad:
-        rows_1, rows_2 = hidden_1[mask], hidden_2[mask]
-        total = sum(
-            divergence_fn(
-                head_1(rows_1[s : s + chunk_rows])[..., :vocab_size],
-                head_2(rows_2[s : s + chunk_rows])[..., :vocab_size],
-            ).sum()
-            for s in range(0, rows_1.shape[0], chunk_rows)
-        )
-        return total / rows_1.shape[0]
-    return _ChunkedHeadDivergence.apply(
+    values = chunked_head_divergences(
         hidden_1, hidden_2, mask, head_1, head_2, divergence_fn, vocab_size, chunk_rows
     )
-
-
-class _ChunkedHeadDivergence(torch.autograd.Function):
-    """Forward computes the value and the hidden-state gradients; backward only scales them."""
-
-    @staticmethod
-    def forward(
-        ctx, hidden_1, hidden_2, mask, head_1, head_2, divergence_fn, vocab_size, chunk_rows
-    ):
-        rows_1, rows_2 = hidden_1.detach()[mask], hidden_2.detach()[mask]
-        count = rows_1.shape[0]
-        grads_1, grads_2 = torch.empty_like(rows_1), torch.empty_like(rows_2)
-        total = torch.zeros((), dtype=torch.float32, device=rows_1.device)
-        for start in range(0, count, chunk_rows):
-            stop = start + chunk_rows
-            with torch.enable_grad():
-                chunk_1 = rows_1[start:stop].detach().requires_grad_()
-                chunk_2 = rows_2[start:stop].detach().requires_grad_()
-                chunk_total = divergence_fn(
-                    head_1(chunk_1)[..., :vocab_size], head_2(chunk_2)[..., :vocab_size]
-                ).sum()
-                grad_1, grad_2 = torch.autograd.grad(chunk_total, (chunk_1, chunk_2))
-            grads_1[start:stop] = grad_1
-            grads_2[start:stop] = grad_2
-            total += chunk_total.detach()
-        ctx.save_for_backward(grads_1, grads_2, mask)
-        ctx.count = count
-        ctx.shapes = (hidden_1.shape, hidden_2.shape)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads_1, grads_2, mask = ctx.saved_tensors
-        scale = grad_output / ctx.count
-        outputs = []
-        for grads, shape in zip((grads_1, grads_2), ctx.shapes, strict=True):
-            full = grads.new_zeros(shape)
-            full[mask] = (grads * scale).to(grads.dtype)
-            outputs.append(full)
-        return outputs[0], outputs[1], None, None, None, None, None, None
+    # Summed a chunk at a time, in the order the chunks were computed (fp32 partial sums).
+    total = sum(values[s : s + chunk_rows].sum() for s in range(0, values.shape[0], chunk_rows))
+    return total / values.shape[0]
 
 
 def chunked_head_divergences(
@@ -186,6 +138,6 @@ class _ChunkedHeadDivergences(torch.autograd.Function):
         outputs = []
         for grads, shape in zip((grads_1, grads_2), ctx.shapes, strict=True):
             full = grads.new_zeros(shape)
-            full[mask] = (grads * grad_output[:, None].to(grads.dtype)).to(grads.dtype)
+            full[mask] = (grads * grad_output[:, None]).to(grads.dtype)
             outputs.append(full)
         return outputs[0], outputs[1], None, None, None, None, None, None
