@@ -32,7 +32,10 @@ initialised before would break the fork, so the pair waits on the CPU and each r
 
 
 def resolve_device(
-    accelerator: str | torch.device = "auto", strategy: str = "auto", devices: int = 1
+    accelerator: str | torch.device = "auto",
+    strategy: str = "auto",
+    devices: int = 1,
+    key: str = "training.accelerator",
 ) -> torch.device:
     """The device the frozen pair is loaded on.
 
@@ -43,28 +46,25 @@ def resolve_device(
             fork or spawn the ranks (:data:`PROCESS_STARTING_STRATEGIES`, and ``auto`` with several
             devices, which Lightning may turn into ``ddp_notebook``).
         devices: ``training.devices``.
+        key: the option the errors name (the report's is ``device``).
     """
     if isinstance(accelerator, torch.device):
         return accelerator
     name = str(accelerator).strip().lower()
     kind, _, index = name.partition(":")
     if kind not in ACCELERATORS or (index and not (kind == "cuda" and index.isdigit())):
-        raise ConfigError(
-            f"training.accelerator={accelerator}: use one of {', '.join(ACCELERATORS)} or cuda:N"
-        )
+        raise ConfigError(f"{key}={accelerator}: use one of {', '.join(ACCELERATORS)} or cuda:N")
     if kind == "auto":
         kind = _best_available()
     if kind == "gpu":
         kind = "cuda" if torch.cuda.is_available() or not _mps_available() else "mps"
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"training.accelerator={accelerator} but this machine has no CUDA GPU: use "
-            "training.accelerator=auto or cpu"
+            f"{key}={accelerator} but this machine has no CUDA GPU: use {key}=auto or cpu"
         )
     if kind == "mps" and not _mps_available():
         raise ConfigError(
-            f"training.accelerator={accelerator} but this machine has no Apple GPU (MPS): use "
-            "training.accelerator=auto or cpu"
+            f"{key}={accelerator} but this machine has no Apple GPU (MPS): use {key}=auto or cpu"
         )
     starts_ranks = strategy in PROCESS_STARTING_STRATEGIES or (strategy == "auto" and devices > 1)
     if kind == "cpu" or strategy == "fsdp" or starts_ranks:

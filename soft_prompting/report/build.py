@@ -233,7 +233,7 @@ def load_pair(config: dict, device: str):
         return None, "the run's config names no model pair"
     try:
         manager = ModelPairManager(
-            device=resolve_device(device),
+            device=resolve_device(device, key="device"),
             torch_dtype=pair_config.get("torch_dtype") or "auto",
             load_in_8bit=bool(pair_config.get("load_in_8bit")),
             load_in_4bit=bool(pair_config.get("load_in_4bit")),
