@@ -19,6 +19,7 @@ layers over the ranks itself (see sharding.py).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -524,8 +525,15 @@ class DivergenceModule(pl.LightningModule):
         for k, value in enumerate(per_prompt.detach()):
             self.log(f"train/divergence_prompt_{k}", value, batch_size=len(ids))
         self.log("train/diversity_penalty", penalty.detach(), batch_size=len(ids))
-        weight = self.hparams.get("diversity_weight", 0.0) * logged.detach()
+        weight = self._hparam("diversity_weight") * logged.detach()
         return -divergence * scale + weight * penalty
+
+    def _hparam(self, name: str):
+        """Hyperparameter ``name``; when the hparams lack it (saved before the option existed),
+        the constructor's default: the signature is its one source."""
+        if name in self.hparams:
+            return self.hparams[name]
+        return inspect.signature(type(self).__init__).parameters[name].default
 
     def _check_finite(self, logged: torch.Tensor, batch_idx: int) -> None:
         # The global mean: a NaN on any rank stops every rank here, instead of leaving the others
