@@ -239,7 +239,9 @@ def test_nan_divergence_stops_with_the_batch_named_and_the_checkpoint_kept(
 def test_checkpoint_of_another_pair_is_refused(tiny_pair_dirs, tmp_path):
     module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=2)
     checkpoint = {"state_dict": {"soft_prompt": torch.zeros(3, 64)}}
-    with pytest.raises(ModelLoadError, match="another model pair or prompt length"):
+    with pytest.raises(
+        ModelLoadError, match="another model pair, prompt length or number of prompts"
+    ):
         module.on_load_checkpoint(checkpoint)
 
 
