@@ -104,7 +104,13 @@ def test_the_documented_snippet_works_as_written(seed_yaml, tmp_path, monkeypatc
     assert trainer.output_dir == tmp_path / "run"  # the YAML's output_dir
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "soft_prompt" / "adapter_model.safetensors").is_file()
-    strategies = {"category_text", "soft_prompt_exploration", "projection_search"}
+    strategies = {
+        "category_text",
+        "soft_prompt_exploration",
+        "contrastive_exploration",
+        "projection_search",
+        "white_box_prior",
+    }
     assert dataset and {record["source"] for record in dataset} <= strategies
     kl = [record["metrics"]["kl_divergence"] for record in dataset]
     assert kl == sorted(kl, reverse=True)
