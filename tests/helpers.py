@@ -75,6 +75,40 @@ def save_pair_member(directory: Path, seed: int, tokenizer=None, hidden_size: in
     return directory
 
 
+def contract_args(pair_dirs, text_dir, run_dir: Path) -> list[str]:
+    """The contract command's overrides: the pair, the texts and the run directory."""
+    return [
+        f"model_pair.model_1_name={pair_dirs[0]}",
+        f"model_pair.model_2_name={pair_dirs[1]}",
+        f"data.text_dir={text_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def fit_briefly(module, texts_by_category: dict, run_dir: Path, max_steps: int, ckpt_path=None):
+    """``max_steps`` of a plain Lightning fit of ``module`` on ``texts_by_category`` (batches of
+    4, seed 0), ``last.ckpt`` in ``run_dir/checkpoints``; the trainer and its datamodule."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from soft_prompting.data.datamodule import CategoryTextDataModule
+
+    datamodule = CategoryTextDataModule(module.tokenizer, categories=None, batch_size=4, seed=0)
+    datamodule.load_categories = lambda: texts_by_category
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)],
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, datamodule
+
+
 def run_entrypoint(
     module: str, args: list[str], cwd: Path, env: dict | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
@@ -187,9 +221,7 @@ def train_tiny_pair(
 
     args = [
         "model_pair=custom",
-        f"model_pair.model_1_name={pair_dirs[0]}",
-        f"model_pair.model_2_name={pair_dirs[1]}",
-        f"data.text_dir={text_dir}",
+        *contract_args(pair_dirs, text_dir, run_dir),
         "training.num_soft_prompt_tokens=4",
         "training.batch_size=6",  # the global batch: 3 texts per rank with two ranks
         "training.max_steps=3",
@@ -198,7 +230,6 @@ def train_tiny_pair(
         # mixed_precision=auto would pick bf16 only on CPUs and GPUs that have it.
         "training.mixed_precision=false",
         "write_dataset=false",
-        f"hydra.run.dir={run_dir}",
         *extra,
     ]
     run = run_main if in_process else run_entrypoint

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tokenizer, run_entrypoint, save_pair_member
-from helpers import SMALL_STRATEGIES, run_main
+from helpers import SMALL_STRATEGIES, contract_args, run_main
 
 from soft_prompting.data.datamodule import load_text_dir, read_category_file
 from soft_prompting.errors import DataError, DivergenceError, ModelLoadError
@@ -269,12 +269,9 @@ def test_records_round_trip_and_torn_last_line(tmp_path):
 
 
 # ---------------------------------------------------------------- killed runs resume
-def contract_args(tiny_pair_dirs, text_dir, run_dir: Path) -> list[str]:
+def resumable_args(tiny_pair_dirs, text_dir, run_dir: Path) -> list[str]:
     return [
-        f"model_pair.model_1_name={tiny_pair_dirs[0]}",
-        f"model_pair.model_2_name={tiny_pair_dirs[1]}",
-        f"data.text_dir={text_dir}",
-        f"hydra.run.dir={run_dir}",
+        *contract_args(tiny_pair_dirs, text_dir, run_dir),
         "training.max_steps=14",
         "training.batch_size=4",
         "training.checkpoint_every_n_steps=2",
@@ -286,7 +283,7 @@ def contract_args(tiny_pair_dirs, text_dir, run_dir: Path) -> list[str]:
 def test_sigkilled_training_resumes_to_the_same_prompt(tiny_pair_dirs, text_dir, tmp_path):
     straight = tmp_path / "straight"
     assert (
-        run_train(contract_args(tiny_pair_dirs, text_dir, straight), cwd=tmp_path).returncode == 0
+        run_train(resumable_args(tiny_pair_dirs, text_dir, straight), cwd=tmp_path).returncode == 0
     )
 
     killed = tmp_path / "killed"
@@ -296,7 +293,7 @@ def test_sigkilled_training_resumes_to_the_same_prompt(tiny_pair_dirs, text_dir,
             sys.executable,
             "-m",
             "soft_prompting.train",
-            *contract_args(tiny_pair_dirs, text_dir, killed),
+            *resumable_args(tiny_pair_dirs, text_dir, killed),
         ],
         cwd=tmp_path,
         env=env,
@@ -316,7 +313,7 @@ def test_sigkilled_training_resumes_to_the_same_prompt(tiny_pair_dirs, text_dir,
     assert step_at_kill < 14
 
     resumed = run_train(
-        [*contract_args(tiny_pair_dirs, text_dir, killed), "ckpt_path=last"], cwd=tmp_path
+        [*resumable_args(tiny_pair_dirs, text_dir, killed), "ckpt_path=last"], cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final_straight = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
@@ -336,7 +333,7 @@ def test_same_seed_and_config_give_an_identical_dataset(tiny_pair_dirs, text_dir
     outputs = []
     for name, run in (("first", run_train_in_a_process), ("second", run_train)):
         run_dir = tmp_path / name
-        args = contract_args(tiny_pair_dirs, text_dir, run_dir)[:4] + [
+        args = contract_args(tiny_pair_dirs, text_dir, run_dir) + [
             "training.max_steps=3",
             "generation.num_prompts=6",
             "generation.max_length=6",
@@ -354,7 +351,7 @@ def test_same_seed_and_config_give_an_identical_dataset(tiny_pair_dirs, text_dir
 def test_wandb_key_is_never_written(tiny_pair_dirs, text_dir, tmp_path):
     secret = "0123456789abcdef0123456789abcdef01234567"
     run_dir = tmp_path / "run"
-    args = contract_args(tiny_pair_dirs, text_dir, run_dir)[:4] + [
+    args = contract_args(tiny_pair_dirs, text_dir, run_dir) + [
         "training.max_steps=2",
         "generation.num_prompts=2",
         "generation.max_length=4",

@@ -6,12 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import make_tokenizer, save_pair_member
+from helpers import fit_briefly
 
-from soft_prompting.data.datamodule import CategoryTextDataModule
 from soft_prompting.pair.loading import ModelLoadError, ModelPairManager
 from soft_prompting.training.module import DivergenceModule
 
@@ -167,30 +166,18 @@ def test_missing_local_model_is_a_clear_error(tmp_path):
         ModelPairManager().load_model_pair(str(tmp_path / "nope"), str(tmp_path / "nope"))
 
 
-def fit(module, tiny_pair_dirs, run_dir: Path, max_steps: int, ckpt_path=None):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+TEXTS = {
+    "a": [f"the cat sat on the mat {w}" for w in ("one", "two", "three", "four", "five")] * 2,
+    "b": [f"what is {w} plus two" for w in ("one", "two", "three", "four", "five", "six")],
+}
 
-    datamodule = CategoryTextDataModule(module.tokenizer, categories=None, batch_size=4, seed=0)
-    datamodule.load_categories = lambda: {
-        "a": [f"the cat sat on the mat {w}" for w in ("one", "two", "three", "four", "five")] * 2,
-        "b": [f"what is {w} plus two" for w in ("one", "two", "three", "four", "five", "six")],
-    }
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)],
-        default_root_dir=str(run_dir),
-        use_distributed_sampler=False,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer
+
+def fit(module, run_dir: Path, max_steps: int, ckpt_path=None):
+    return fit_briefly(module, TEXTS, run_dir, max_steps, ckpt_path)[0]
 
 
 def test_checkpoint_holds_only_the_prompt_and_loads_in_a_fresh_process(module, tmp_path):
-    fit(module, None, tmp_path, max_steps=3)
+    fit(module, tmp_path, max_steps=3)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.stat().st_size < 100_000, "the checkpoint must not hold the frozen models"
     state = torch.load(ckpt, weights_only=True)
@@ -215,10 +202,10 @@ def test_checkpoint_holds_only_the_prompt_and_loads_in_a_fresh_process(module, t
 
 def test_resume_continues_from_the_last_checkpoint(tiny_pair_dirs, tmp_path):
     first = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=4)
-    fit(first, tiny_pair_dirs, tmp_path, max_steps=2)
+    fit(first, tmp_path, max_steps=2)
     resumed = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=4, seed=123)
-    trainer = fit(resumed, tiny_pair_dirs, tmp_path, max_steps=4, ckpt_path="last")
+    trainer = fit(resumed, tmp_path, max_steps=4, ckpt_path="last")
     assert trainer.global_step == 4
     straight = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=4)
-    fit(straight, tiny_pair_dirs, tmp_path / "straight", max_steps=4)
+    fit(straight, tmp_path / "straight", max_steps=4)
     torch.testing.assert_close(resumed.soft_prompt, straight.soft_prompt, atol=1e-5, rtol=1e-4)

@@ -103,7 +103,8 @@ def test_an_int_temperature_samples_like_the_float(pair):
     """``temperature=1`` (an int, as a Python caller writes it) is the same setting as ``1.0``."""
     as_int = SamplingSettings(max_length=4, num_generations_per_prompt=2, temperature=1, top_p=1)
     as_float = SamplingSettings(max_length=4, num_generations_per_prompt=2, temperature=1.0)
-    for a, b in zip(
-        paired_generate(pair, PROMPTS, as_int, seed=3), paired_generate(pair, PROMPTS, as_float, seed=3)
-    ):
+    from_int = paired_generate(pair, PROMPTS, as_int, seed=3)
+    from_float = paired_generate(pair, PROMPTS, as_float, seed=3)
+    assert len(from_int) == len(from_float) > 0
+    for a, b in zip(from_int, from_float, strict=True):
         assert torch.equal(a.tokens, b.tokens)

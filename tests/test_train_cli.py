@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_entrypoint
-from helpers import SMALL_STRATEGIES, run_main
+from helpers import SMALL_STRATEGIES, contract_args, run_main
 
 RECORD_KEYS = {"prompt", "generation_1", "generation_2", "category", "metrics"}
 METRIC_KEYS = {
@@ -22,16 +22,6 @@ METRIC_KEYS = {
 
 def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return run_entrypoint("soft_prompting.train", args, cwd)
-
-
-def contract_args(tiny_pair_dirs, text_dir, run_dir: Path) -> list[str]:
-    """The contract command: the pair, the texts and the run directory; everything else default."""
-    return [
-        f"model_pair.model_1_name={tiny_pair_dirs[0]}",
-        f"model_pair.model_2_name={tiny_pair_dirs[1]}",
-        f"data.text_dir={text_dir}",
-        f"hydra.run.dir={run_dir}",
-    ]
 
 
 @pytest.fixture(scope="module")
