@@ -18,7 +18,8 @@ from soft_prompting.training.module import DivergenceModule
 register_configs()
 
 
-@pytest.mark.slow  # builds the organisms base and sandbagging on a cold cache
+@pytest.mark.slow
+@pytest.mark.usefixtures("organism_dirs")  # toy_sandbagging: waits for the session's build
 def test_the_trained_prompt_beats_no_prompt_and_the_untrained_prompt(tmp_path):
     with initialize_config_module(config_module="soft_prompting.conf", version_base=None):
         composed = compose(
