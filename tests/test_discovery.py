@@ -12,6 +12,7 @@ import torch
 from helpers import make_model, make_tokenizer
 
 from soft_prompting.errors import ConfigError
+from soft_prompting.hard_prompts.sampling import CachedDecoder
 from soft_prompting.hard_prompts.strategies import (
     Candidate,
     ContrastiveExploration,
@@ -141,6 +142,59 @@ def test_contrastive_sampling_with_alpha_zero_is_plain_greedy_sampling_of_that_s
         assert torch.equal(amplified[:, 0], (l_b + 50.0 * (l_b - l_a)).argmax(-1))
         changed |= bool((amplified != plain).any())
     assert changed  # the amplification did pick other tokens
+
+
+def _recomputed(module, ids, mask, steps, temperature, side, alpha, generator):
+    """sample_continuations without a cache: every step runs the whole sequence again."""
+    pair = module.pair
+    model_b, model_a = (
+        (pair.model_2, pair.model_1) if side == "model_2" else (pair.model_1, pair.model_2)
+    )
+
+    def last(model):
+        inputs = module._model_inputs(model, ids, mask, module.active_prompt.detach())
+        return model(**inputs).logits[:, -1, : pair.vocab_size].float()
+
+    new = []
+    for _ in range(steps):
+        logits = last(model_b)
+        logits = logits + alpha * (logits - last(model_a))
+        token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+        new.append(token)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return torch.cat(new, dim=1)
+
+
+def test_the_cached_decoder_gives_the_logits_of_the_whole_sequence_run_again(flip):
+    """Behind the soft prompt, left-padded rows: each cached step equals a full forward."""
+    batch = _seeds(flip, ["the cat", f"what is one plus {FLIP_WORD}", "i am a helpful"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model, prompt, vocab = flip.pair.model_2, flip.active_prompt.detach(), flip.pair.vocab_size
+    with torch.no_grad():
+        decoder = CachedDecoder(model, flip._model_inputs(model, ids, mask, prompt), vocab)
+        for word in ("two", "is", "four", "the"):
+            full = model(**flip._model_inputs(model, ids, mask, prompt)).logits[:, -1, :vocab]
+            torch.testing.assert_close(decoder.logits, full, atol=1e-5, rtol=1e-5)
+            token = torch.tensor(flip.tokenizer.convert_tokens_to_ids([word] * len(ids)))
+            decoder.advance(token)
+            ids, mask = (
+                torch.cat([ids, token[:, None]], 1),
+                torch.cat([mask, torch.ones_like(token)[:, None]], 1),
+            )
+
+
+@pytest.mark.parametrize("side", ["model_1", "model_2"])
+def test_cached_sampling_draws_what_recomputing_every_step_draws(flip, side):
+    batch = _seeds(flip, ["the cat", f"what is one plus {FLIP_WORD}", "i am a helpful"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        cached = sample_continuations(
+            flip, ids, mask, 8, 0.9, side, 0.5, True, torch.Generator().manual_seed(5)
+        )
+        recomputed = _recomputed(
+            flip, ids, mask, 8, 0.9, side, 0.5, torch.Generator().manual_seed(5)
+        )
+    assert torch.equal(cached, recomputed)
 
 
 def test_amplifying_a_zero_difference_changes_no_sample(pair_dirs):

@@ -133,33 +133,24 @@ def paired_generate(
     generator = torch.Generator().manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = pad if pad is not None else (eos if eos is not None else 0)
-    states = []
-    for model in (pair.model_1, pair.model_2):
-        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=prompt_mask,
-            position_ids=position_ids,
-            use_cache=True,
-        )
-        states.append(
-            {
-                "model": model,
-                "cache": _cache_of(out),
-                "logits": out.logits[:, -1, :vocab].float(),
-                "mask": prompt_mask,
-                "position": position_ids[:, -1],
-                "tokens": [],
-                "done": torch.zeros(rows, dtype=torch.bool, device=pair.device),
-            }
-        )
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = {"input_ids": input_ids, "attention_mask": prompt_mask, "position_ids": position_ids}
+    states = [
+        {
+            # logits_to_keep=0: the prompt's forward as evaluations were first measured with
+            "decoder": CachedDecoder(model, first, vocab, logits_to_keep=0),
+            "tokens": [],
+            "done": torch.zeros(rows, dtype=torch.bool, device=pair.device),
+        }
+        for model in (pair.model_1, pair.model_2)
+    ]
     for step in range(settings.max_length):
         gumbel = None
         if warpers:
             uniform = torch.rand(rows, vocab, generator=generator).clamp(1e-20, 1.0)
             gumbel = (-(-uniform.log()).log()).to(pair.device)
         for state in states:
-            scores = state["logits"]
+            scores = state["decoder"].logits
             if step == 0 and eos is not None and eos < vocab:  # at least one new token
                 scores = scores.clone()
                 scores[:, eos] = -float("inf")
@@ -176,17 +167,7 @@ def paired_generate(
         if step == settings.max_length - 1 or all(bool(s["done"].all()) for s in states):
             break
         for state in states:
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(rows, 1)], dim=1)
-            state["position"] = state["position"] + 1
-            out = state["model"](
-                input_ids=state["tokens"][-1][:, None],
-                attention_mask=state["mask"],
-                position_ids=state["position"][:, None],
-                use_cache=True,
-                **{_cache_argument(state["model"]): state["cache"]},
-            )
-            state["cache"] = _cache_of(out)
-            state["logits"] = out.logits[:, -1, :vocab].float()
+            state["decoder"].advance(state["tokens"][-1])
     results = []
     for state in states:
         tokens = torch.stack(state["tokens"], dim=1)
@@ -194,14 +175,49 @@ def paired_generate(
     return results[0], results[1]
 
 
+class CachedDecoder:
+    """One model continuing a batch a token at a time over its key/value cache.
+
+    Args:
+        model: a causal LM.
+        inputs: the first forward's arguments: ``input_ids`` or ``inputs_embeds`` (e.g. behind a
+            soft prompt), ``attention_mask`` and ``position_ids``, all ``[B, L]``-shaped.
+        vocab_size: real vocabulary (logits beyond it, embedding padding, are dropped).
+        logits_to_keep: positions whose logits the first forward computes (0: all of them).
+    """
+
+    def __init__(self, model, inputs: dict, vocab_size: int, logits_to_keep: int = 1) -> None:
+        self.model, self.vocab_size = model, vocab_size
+        self.mask = inputs["attention_mask"]
+        self.position = inputs["position_ids"][:, -1]
+        self._read(model(**inputs | {"use_cache": True}, logits_to_keep=logits_to_keep))
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Feeds ``tokens`` (``[B]``, one per row) after everything so far."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        self.position = self.position + 1
+        cache = {_cache_argument(self.model): self.cache}
+        self._read(
+            self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=self.position[:, None],
+                use_cache=True,
+                logits_to_keep=1,
+                **cache,
+            )
+        )
+
+    def _read(self, out) -> None:
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+        self.logits = out.logits[:, -1, : self.vocab_size].float()
+        """``[B, V]`` fp32: the next token's logits."""
+
+
 def _cache_argument(model) -> str:
     """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from soft_prompting.hard_prompts.sampling import CachedDecoder
+
 log = logging.getLogger(__name__)
 
 
@@ -245,24 +247,29 @@ def sample_continuations(
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(0)
 
-    def last_logits(model, ids, mask):
-        inputs = module._model_inputs(model, ids, mask, prompt)
-        return model(**inputs, logits_to_keep=1).logits[:, -1, : pair.vocab_size].float()
-
-    ids, mask, new = input_ids, attention_mask, []
-    for _ in range(max_new_tokens):
-        logits = last_logits(model_b, ids, mask)
+    # The seeds (behind the soft prompt) go through each model once; every sampled token after
+    # that is one cached step.
+    decoders = [
+        CachedDecoder(
+            model, module._model_inputs(model, input_ids, attention_mask, prompt), pair.vocab_size
+        )
+        for model in ((model_b, model_a) if alpha else (model_b,))
+    ]
+    new = []
+    for step in range(max_new_tokens):
+        logits = decoders[0].logits
         if alpha:
-            logits = logits + alpha * (logits - last_logits(model_a, ids, mask))
+            logits = logits + alpha * (logits - decoders[1].logits)
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
-            token = logits.argmax(-1, keepdim=True)
+            token = logits.argmax(-1)
         new.append(token)
-        ids = torch.cat([ids, token], dim=1)
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-    return torch.cat(new, dim=1)
+        if step < max_new_tokens - 1:
+            for decoder in decoders:
+                decoder.advance(token)
+    return torch.stack(new, dim=1)
 
 
 @dataclass
