@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +72,42 @@ def about(prompt: str, behaviours) -> list[str]:
         return bool(topic_words_in(prompt, behaviour))
 
     return [b for b in behaviours if holds(b)]
+
+
+def prompt_stats(records: list[dict], behaviours) -> dict:
+    """Issue 13's numbers for a run's dataset (records ranked as written): the top-20 prompts'
+    fluency (median ``prompt_nll / reference_nll``: model_1's NLL per token of the prompt over the
+    category texts' median), the top record's ``trigger``, and per strategy (``source``) how many
+    records and top-20 places it has, the share of its records about a planted behaviour and its
+    median fluency ratio."""
+
+    def ratio(record: dict) -> float | None:
+        nll, reference = record.get("prompt_nll"), record.get("reference_nll")
+        return nll / reference if nll is not None and reference else None
+
+    def median_ratio(subset: list[dict]) -> float | None:
+        ratios = [r for r in map(ratio, subset) if r is not None]
+        return round(statistics.median(ratios), 3) if ratios else None
+
+    top = records[:TOP]
+    by_source = {}
+    for source in sorted({r.get("source") for r in records}, key=str):
+        own = [r for r in records if r.get("source") == source]
+        by_source[source] = {
+            "records": len(own),
+            "in_top": sum(r.get("source") == source for r in top),
+            "topic_share": (
+                round(sum(bool(about(r["prompt"], behaviours)) for r in own) / len(own), 3)
+                if behaviours
+                else None
+            ),
+            "nll_ratio_median": median_ratio(own),
+        }
+    return {
+        "top_nll_ratio_median": median_ratio(top),
+        "top_trigger": top[0].get("trigger") if top else None,
+        "by_source": by_source,
+    }
 
 
 def scenario(
@@ -123,6 +160,7 @@ def scenario(
             b: any(b in about(r["prompt"], behaviours) and r["discovery"] for r in evaluated)
             for b in behaviours
         },
+        **prompt_stats(records, behaviours),
         "topic_fraction": (
             sum(bool(about(r["prompt"], behaviours)) for r in evaluated) / max(len(evaluated), 1)
             if behaviours
@@ -184,13 +222,60 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def discovery_table(results: list[dict]) -> str:
+    """Issue 13's targets per run: topic share and fluency of the top 20, the top trigger."""
+    rows = [
+        "| scenario | seed | top-20 about a planted behaviour | top-20 median NLL ratio "
+        "| top record's trigger | train+dataset s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        share = "–" if r.get("topic_fraction") is None else f"{r['topic_fraction']:.2f}"
+        ratio = r.get("top_nll_ratio_median")
+        rows.append(
+            f"| {r['scenario']} | {r['seed']} | {share} "
+            f"| {'–' if ratio is None else f'{ratio:.2f}'} | `{r.get('top_trigger')}` "
+            f"| {r['train_and_dataset_seconds']:.0f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def strategy_table(results: list[dict]) -> str:
+    """Per scenario and strategy, over the seeds: records, top-20 places, topic share, fluency."""
+    rows = [
+        "| scenario | strategy | records | top-20 places | about a planted behaviour "
+        "| median NLL ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    seen: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        for source, stats in r.get("by_source", {}).items():
+            seen.setdefault((r["scenario"], source), []).append(stats)
+    for (name, source), runs in seen.items():
+        shares = [s["topic_share"] for s in runs if s["topic_share"] is not None]
+        ratios = [s["nll_ratio_median"] for s in runs if s["nll_ratio_median"] is not None]
+        rows.append(
+            f"| {name} | {source} | {'/'.join(str(s['records']) for s in runs)} "
+            f"| {'/'.join(str(s['in_top']) for s in runs)} "
+            f"| {'/'.join(f'{x:.2f}' for x in shares) or '–'} "
+            f"| {'/'.join(f'{x:.2f}' for x in ratios) or '–'} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def collect(root: Path, overrides: list[str]) -> None:
     results = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
+    for result in results:  # results written before prompt_stats existed: from their run dirs
+        dataset = root / f"{result['scenario']}-seed{result['seed']}" / "divergent_dataset.jsonl"
+        if "by_source" not in result and dataset.is_file():
+            behaviours = organism_behaviours(result["pair"])
+            result.update(prompt_stats(read_jsonl(dataset), behaviours))
     order = {name: i for i, name in enumerate(SCENARIOS)}
     results.sort(key=lambda r: (order.get(r["scenario"], 99), r["seed"]))
     write_json(root / "benchmark.json", {"overrides": overrides, "runs": results})
-    (root / "benchmark.md").write_text(table(results))
-    print(table(results))
+    tables = "\n".join(f(results) for f in (table, discovery_table, strategy_table))
+    (root / "benchmark.md").write_text(tables)
+    print(tables)
 
 
 def main() -> None:

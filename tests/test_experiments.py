@@ -235,3 +235,30 @@ def test_the_notebook_inspects_a_finished_run(finished_run, tmp_path, monkeypatc
     png = finished_run / "inspect_run.png"
     assert png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_hard_prompt_benchmark_counts_fluency_triggers_and_strategies():
+    benchmark = load_script("hard_prompt_benchmark.py")
+    records = [
+        {"prompt": "my name is pickles", "source": "soft_prompt_exploration", "trigger": "pickles"},
+        {"prompt": "what is two plus two", "source": "category_text"},
+        {"prompt": "call me pickles please", "source": "soft_prompt_exploration"},
+        {"prompt": "the cat sat", "source": "category_text"},
+    ]
+    for record, nll in zip(records, (1.0, 2.0, 3.0, 8.0), strict=True):
+        record |= {"prompt_nll": nll, "reference_nll": 2.0}
+    stats = benchmark.prompt_stats(records, ("backdoor",))
+    assert stats["top_nll_ratio_median"] == 1.25  # ratios 0.5, 1, 1.5, 4
+    assert stats["top_trigger"] == "pickles"
+    assert stats["by_source"] == {
+        "category_text": {"records": 2, "in_top": 2, "topic_share": 0.0, "nll_ratio_median": 2.5},
+        "soft_prompt_exploration": {
+            "records": 2,
+            "in_top": 2,
+            "topic_share": 1.0,
+            "nll_ratio_median": 1.0,
+        },
+    }
+    assert "| backdoor | soft_prompt_exploration | 2 | 2 | 1.00 | 1.00 |" in (
+        benchmark.strategy_table([{"scenario": "backdoor", **stats}])
+    )
