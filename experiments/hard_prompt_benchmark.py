@@ -48,6 +48,7 @@ SCENARIOS = {
 }
 DEFAULT_SCENARIOS = ["double", "benign", "identical"]
 TOP = 20
+STRATEGY_KEYS = ("records", "in_top", "topic_share", "nll_ratio_median")
 
 
 def run(module: str, args: list[str]) -> None:
@@ -197,70 +198,91 @@ def _ci(block) -> str:
     return f"{block['value']:.2f} [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
 
 
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def table(results: list[dict]) -> str:
-    rows = [
-        "| scenario | seed | discoveries | significant (q<0.05) | planted: significant / discovered "
-        "| effect [CI] | lift vs text_ranking | lift vs untrained_pipeline | lift vs random_text_cut "
-        "| reliability | train+dataset s | evaluate s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "scenario", "seed", "discoveries", "significant (q<0.05)",
+        "planted: significant / discovered", "effect [CI]", "lift vs text_ranking",
+        "lift vs untrained_pipeline", "lift vs random_text_cut", "reliability",
+        "train+dataset s", "evaluate s",
+    ]  # fmt: skip
+    rows = []
     for r in results:
         planted = ", ".join(
             f"{b}: {'yes' if r['behaviours_significant'][b] else 'no'}/"
             f"{'yes' if r['behaviours_discovered'][b] else 'no'}"
             for b in r["behaviours_significant"]
         )
-        lifts = [_ci(r["lifts"].get(b)) for b in ("text_ranking", "untrained_pipeline")]
-        lifts.append(_ci(r["lifts"].get("random_text_cut")))
+        lifts = [
+            _ci(r["lifts"].get(b))
+            for b in ("text_ranking", "untrained_pipeline", "random_text_cut")
+        ]
         rows.append(
-            f"| {r['scenario']} | {r['seed']} | {r['num_discoveries']}/{r['num_prompts']} "
-            f"| {r['num_significant']} | {planted or '– (nothing planted)'} "
-            f"| {_ci(r['prompts']['effect'])} | {' | '.join(lifts)} "
-            f"| {r['reliability']:.2f} | {r['train_and_dataset_seconds']:.0f} "
-            f"| {r['evaluate_seconds']:.0f} |"
+            [
+                r["scenario"],
+                r["seed"],
+                f"{r['num_discoveries']}/{r['num_prompts']}",
+                r["num_significant"],
+                planted or "– (nothing planted)",
+                _ci(r["prompts"]["effect"]),
+                *lifts,
+                f"{r['reliability']:.2f}",
+                f"{r['train_and_dataset_seconds']:.0f}",
+                f"{r['evaluate_seconds']:.0f}",
+            ]
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def discovery_table(results: list[dict]) -> str:
     """Issue 13's targets per run: topic share and fluency of the top 20, the top trigger."""
+    header = [
+        "scenario", "seed", "top-20 about a planted behaviour", "top-20 median NLL ratio",
+        "top record's trigger", "train+dataset s",
+    ]  # fmt: skip
     rows = [
-        "| scenario | seed | top-20 about a planted behaviour | top-20 median NLL ratio "
-        "| top record's trigger | train+dataset s |",
-        "|---|---|---|---|---|---|",
+        [
+            r["scenario"],
+            r["seed"],
+            _number(r.get("topic_fraction")),
+            _number(r.get("top_nll_ratio_median")),
+            f"`{r.get('top_trigger')}`",
+            f"{r['train_and_dataset_seconds']:.0f}",
+        ]
+        for r in results
     ]
-    for r in results:
-        share = "–" if r.get("topic_fraction") is None else f"{r['topic_fraction']:.2f}"
-        ratio = r.get("top_nll_ratio_median")
-        rows.append(
-            f"| {r['scenario']} | {r['seed']} | {share} "
-            f"| {'–' if ratio is None else f'{ratio:.2f}'} | `{r.get('top_trigger')}` "
-            f"| {r['train_and_dataset_seconds']:.0f} |"
-        )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def strategy_table(results: list[dict]) -> str:
     """Per scenario and strategy, over the seeds: records, top-20 places, topic share, fluency."""
-    rows = [
-        "| scenario | strategy | records | top-20 places | about a planted behaviour "
-        "| median NLL ratio |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = [
+        "scenario", "strategy", "records", "top-20 places", "about a planted behaviour",
+        "median NLL ratio",
+    ]  # fmt: skip
     seen: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         for source, stats in r.get("by_source", {}).items():
             seen.setdefault((r["scenario"], source), []).append(stats)
-    for (name, source), runs in seen.items():
-        shares = [s["topic_share"] for s in runs if s["topic_share"] is not None]
-        ratios = [s["nll_ratio_median"] for s in runs if s["nll_ratio_median"] is not None]
-        rows.append(
-            f"| {name} | {source} | {'/'.join(str(s['records']) for s in runs)} "
-            f"| {'/'.join(str(s['in_top']) for s in runs)} "
-            f"| {'/'.join(f'{x:.2f}' for x in shares) or '–'} "
-            f"| {'/'.join(f'{x:.2f}' for x in ratios) or '–'} |"
-        )
-    return "\n".join(rows) + "\n"
+
+    def per_seed(runs: list[dict], key: str) -> str:
+        values = [run[key] for run in runs if run[key] is not None]
+        return "/".join(str(v) if isinstance(v, int) else f"{v:.2f}" for v in values) or "–"
+
+    rows = [
+        [name, source, *(per_seed(runs, key) for key in STRATEGY_KEYS)]
+        for (name, source), runs in seen.items()
+    ]
+    return markdown(header, rows)
 
 
 def collect(root: Path, overrides: list[str]) -> None:
