@@ -17,7 +17,8 @@ line) and, without any soft prompt:
 3. **Selection-matched baselines** (``baselines``), each with the same budget (propose
    ``baseline_candidates`` candidates, cut at their divergence peak, merge near-duplicates, score
    them on the ``"select"`` stream, keep the best as many as there are prompts, confirm those on
-   fresh samples): see :data:`BASELINES`. ``lifts`` = the prompts' mean held-out KL ÷ each
+   fresh samples), all starting from the texts the run's strategies started from
+   (:func:`~soft_prompting.training.pipeline.strategy_texts`): see :data:`BASELINES`. ``lifts`` = the prompts' mean held-out KL ÷ each
    baseline's, with a bootstrap CI.
 
 A prompt is a **discovery** when ``q_value < fdr_level`` and its effect's CI lies above the best
@@ -311,16 +312,6 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     return summary
 
 
-def category_texts(module, config: EvaluateConfig) -> dict[str, list[str]]:
-    """The category texts of ``config.data`` (those the baselines start from)."""
-    from soft_prompting.data.datamodule import CategoryTextDataModule
-
-    datamodule = CategoryTextDataModule(
-        module.tokenizer, **asdict(config.data) | {"seed": config.seed}
-    )
-    return {c: t for c, t in datamodule.load_categories().items() if t}
-
-
 def baseline_strategies(name: str, config: EvaluateConfig, budget: int, num_categories: int):
     """The strategies of baseline ``name``, proposing about ``budget`` candidates in all."""
     from soft_prompting.hard_prompts.strategies import CategoryTextRanking, build_strategies
@@ -359,8 +350,9 @@ def run_baseline(
 ) -> list[dict]:
     """One selection-matched baseline: propose → score (select) → keep the best → confirm."""
     from soft_prompting.hard_prompts.strategies import propose_candidates
+    from soft_prompting.training.pipeline import strategy_texts
 
-    texts = category_texts(module, config)
+    texts = {c: t for c, t in strategy_texts(module, config.data, config.seed).items() if t}
     if not texts:
         raise DataError(
             "the baselines need category texts: none were found for data.categories / "

@@ -168,3 +168,52 @@ def test_evaluate_cli_rejects_an_empty_prompts_file(tiny_pair_dirs, text_dir, tm
 def test_evaluate_cli_needs_a_prompts_file(tmp_path):
     result = run_evaluate([f"hydra.run.dir={tmp_path / 'e'}"], cwd=tmp_path)
     assert result.returncode == 2 and "prompts_file" in result.stderr
+
+
+def test_the_baselines_start_from_the_texts_the_runs_strategies_started_from(
+    tiny_pair_dirs, text_dir, tmp_path, monkeypatch
+):
+    """A selection-matched baseline starts where the run did: the run's seeded split of the
+    texts, ``data.max_texts_per_category`` of them, cut to the training length (evaluate once
+    drew from every text of the folder, in file order, uncut)."""
+    import soft_prompting.hard_prompts.strategies as strategies
+
+    seen = []
+
+    def spy(strategy_list, module, texts_by_category, *args, **kwargs):
+        seen.append(texts_by_category)
+        return propose(strategy_list, module, texts_by_category, *args, **kwargs)
+
+    propose = strategies.propose_candidates
+    monkeypatch.setattr(strategies, "propose_candidates", spy)
+    same = ["seed=3", "data.max_texts_per_category=5", "data.max_length=6"]
+    shared = pair_args(tiny_pair_dirs, text_dir)
+    train = run_main(
+        "soft_prompting.train",
+        [
+            *shared[:3],  # the pair and the texts
+            shared[-1],  # the small strategy list
+            *same,
+            "training.max_steps=1",
+            "generation.num_prompts=2",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    (run_texts,) = seen
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat sat on\n")
+    evaluate = run_evaluate(
+        [
+            *pair_args(tiny_pair_dirs, text_dir),
+            *same,
+            "baselines=[text_ranking,random_text_cut]",
+            f"prompts_file={prompts}",
+            f"hydra.run.dir={tmp_path / 'evaluation'}",
+        ],
+        tmp_path,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert len(seen) == 3 and all(texts == run_texts for texts in seen[1:])
+    assert {len(texts) for texts in run_texts.values()} == {5}

@@ -20,10 +20,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 
 from soft_prompting import run_files
-from soft_prompting.config import TrainConfig, plain
+from soft_prompting.config import DataConfig, TrainConfig, plain
 from soft_prompting.data.datamodule import CategoryTextDataModule
 from soft_prompting.errors import ConfigError, Interrupted, RunDirError
-from soft_prompting.hard_prompts.dataset import fit_prompts_to_context, generate_divergent_dataset
+from soft_prompting.hard_prompts.dataset import (
+    fit_prompts_to_context,
+    generate_divergent_dataset,
+    truncate_texts,
+)
 from soft_prompting.hard_prompts.sampling import SamplingSettings
 from soft_prompting.hard_prompts.strategies import build_strategies
 from soft_prompting.pair.placement import lightning_precision, resolve_device
@@ -64,15 +68,26 @@ def build_datamodule(module: DivergenceModule, config: TrainConfig) -> CategoryT
     room in that context (it would otherwise fail only after training).
     """
     fit_prompts_to_context(module.pair, [], config.generation.max_length)
+    return _text_datamodule(module, config.data, config.seed, batch_size=config.training.batch_size)
+
+
+def _text_datamodule(
+    module: DivergenceModule, data: DataConfig, seed: int, **settings
+) -> CategoryTextDataModule:
+    max_length = fit_to_context(data.max_length, module.max_text_length)
     return CategoryTextDataModule(
-        module.tokenizer,
-        **vars(config.data)
-        | {
-            "max_length": fit_to_context(config.data.max_length, module.max_text_length),
-            "batch_size": config.training.batch_size,
-            "seed": config.seed,
-        },
+        module.tokenizer, **vars(data) | {"max_length": max_length, "seed": seed} | settings
     )
+
+
+def strategy_texts(module: DivergenceModule, data: DataConfig, seed: int) -> dict[str, list[str]]:
+    """The texts a train run's hard-prompt strategies start from: the training and held-out
+    texts of ``data`` (its seeded split and ``max_texts_per_category``), each cut to the training
+    text length. Evaluate's baselines start from them too: a baseline is selection-matched only
+    if it starts where the run's strategies did."""
+    texts = all_texts_by_category(_text_datamodule(module, data, seed))
+    max_length = fit_to_context(data.max_length, module.max_text_length)
+    return truncate_texts(module.tokenizer, texts, max_length)
 
 
 def build_trainer(
