@@ -174,6 +174,18 @@ def test_failed_build_leaves_nothing_behind(fake_builds, monkeypatch, tmp_path):
     assert not [p for p in (tmp_path / "organisms").iterdir() if p.is_dir() and "broken" in p.name]
 
 
+def test_a_killed_builds_scratch_folder_is_removed_by_the_next_build(fake_builds, tmp_path):
+    """SIGTERM/SIGKILL end a build before it can clean up: the next build does."""
+    name = f"base-{organisms.recipe_hash('base')}"
+    stale = tmp_path / "organisms" / f".{name}.x1y2z3"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_text("half written")
+    other = tmp_path / "organisms" / f".unlearning-{organisms.recipe_hash('unlearning')}.a1b2"
+    other.mkdir()  # another organism's, maybe being built right now: left alone
+    organism_path("organism:base")
+    assert not stale.exists() and other.is_dir()
+
+
 def test_recipe_hash_follows_the_recipe(monkeypatch):
     before = {name: organisms.recipe_hash(name) for name in ORGANISMS}
     assert len(set(before.values())) == len(ORGANISMS)

@@ -197,6 +197,9 @@ def organism_path(name: str) -> Path:
     with _exclusive_lock(final.parent / f"{final.name}.lock"):
         if final.is_dir():  # another process built it while we waited
             return final
+        # Under the lock, a scratch folder of this organism is one a killed build left behind.
+        for stale in final.parent.glob(f".{final.name}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         scratch.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
