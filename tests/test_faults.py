@@ -15,12 +15,14 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tokenizer, save_pair_member
+from helpers import contract_args, run_main
 
 from soft_prompting import run_files
 from soft_prompting.config import (
@@ -590,13 +592,29 @@ SIGNAL_ARGS = [
 ]
 
 
+def wait_until_training(run_dir: Path, running) -> None:
+    """Returns once ``run_dir``'s training curve has a few steps (while ``running()`` holds)."""
+    curve = run_dir / run_files.TRAINING_CURVE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and running():
+        if curve.is_file() and len(curve.read_text().splitlines()) > 3:
+            return
+        time.sleep(0.05)
+
+
+def assert_stopped_with_a_checkpoint(returncode: int, err: str, signum, run_dir: Path) -> None:
+    assert returncode not in (0, None), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert signal.Signals(signum).name in err and "ckpt_path=last" in err
+    state = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
+    assert state["global_step"] >= 2
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name
-)
-def test_preemption_saves_a_checkpoint_and_exits_non_zero(
-    tmp_path, tiny_pair_dirs, text_dir, signum
+def test_a_schedulers_sigterm_saves_a_checkpoint_and_exits_non_zero(
+    tmp_path, tiny_pair_dirs, text_dir
 ):
+    """From outside, as a scheduler preempts a job: the run in a process of its own."""
     run_dir = tmp_path / "run"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -604,10 +622,7 @@ def test_preemption_saves_a_checkpoint_and_exits_non_zero(
             sys.executable,
             "-m",
             "soft_prompting.train",
-            f"model_pair.model_1_name={tiny_pair_dirs[0]}",
-            f"model_pair.model_2_name={tiny_pair_dirs[1]}",
-            f"data.text_dir={text_dir}",
-            f"hydra.run.dir={run_dir}",
+            *contract_args(tiny_pair_dirs, text_dir, run_dir),
             *SIGNAL_ARGS,
         ],
         cwd=tmp_path,
@@ -616,20 +631,49 @@ def test_preemption_saves_a_checkpoint_and_exits_non_zero(
         stderr=subprocess.PIPE,
         text=True,
     )
-    curve = run_dir / run_files.TRAINING_CURVE
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if curve.is_file() and len(curve.read_text().splitlines()) > 3:
-            break
-        time.sleep(0.1)
+    wait_until_training(run_dir, lambda: process.poll() is None)
     assert process.poll() is None, process.communicate()[1][-2000:]
-    process.send_signal(signum)
+    process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode not in (0, None), err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    assert signal.Signals(signum).name in err and "ckpt_path=last" in err
-    state = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
-    assert state["global_step"] >= 2
+    assert_stopped_with_a_checkpoint(process.returncode, err, signal.SIGTERM, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_ctrl_c_and_slurms_sigusr1_save_a_checkpoint_and_exit_non_zero(
+    tmp_path, tiny_pair_dirs, text_dir, signum
+):
+    """The run in this process (no interpreter start-up), the signal sent to it by a thread."""
+    run_dir = tmp_path / "run"
+    unhandled: list[int] = []  # a signal the run did not take must not end pytest
+
+    def not_taken(received, frame):
+        unhandled.append(received)
+        raise RuntimeError(f"the run did not take {signal.Signals(received).name}")
+
+    previous = signal.signal(signum, not_taken)
+    finished = threading.Event()
+
+    def send() -> None:
+        wait_until_training(run_dir, lambda: not finished.is_set())
+        if not finished.is_set():
+            os.kill(os.getpid(), signum)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        result = run_main(
+            "soft_prompting.train",
+            [*contract_args(tiny_pair_dirs, text_dir, run_dir), *SIGNAL_ARGS],
+            tmp_path,
+            {"OMP_NUM_THREADS": "1"},
+        )
+    finally:
+        finished.set()
+        sender.join()
+        signal.signal(signum, previous)
+    assert not unhandled, result.stderr[-2000:]
+    assert_stopped_with_a_checkpoint(result.returncode, result.stderr, signum, run_dir)
 
 
 # ---------------------------------------------------------------- more run-directory files
