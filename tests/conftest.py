@@ -113,10 +113,10 @@ def pytest_collection_modifyitems(config, items):
 
     from soft_prompting.organisms.builder import ORGANISMS, cache_dir, recipe_hash
 
-    modules_with_organisms = {item.module for item in items if uses_organisms(item)}
+    modules_with_organisms = {item.path for item in items if uses_organisms(item)}
     if not modules_with_organisms:
         return
-    items.sort(key=lambda item: item.module in modules_with_organisms)  # stable: order kept
+    items.sort(key=lambda item: item.path in modules_with_organisms)  # stable: order kept
     built = cache_dir() / "organisms"
     if config.option.collectonly or all(
         (built / f"{name}-{recipe_hash(name)}").is_dir() for name in ORGANISMS
