@@ -131,9 +131,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-    """A session that stops early stops the build too (interrupted, a build leaves nothing)."""
+    """A session that stops early stops the build too (interrupted, a build leaves nothing);
+    the build's log stays only when it failed."""
     if BACKGROUND_BUILD in config.stash:
-        build, _ = config.stash[BACKGROUND_BUILD]
-        if build.poll() is None:
+        build, log = config.stash[BACKGROUND_BUILD]
+        stopped = build.poll() is None
+        if stopped:
             build.send_signal(signal.SIGINT)
             build.wait()
+        if stopped or build.returncode == 0:
+            log.unlink(missing_ok=True)
