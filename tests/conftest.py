@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,9 +22,6 @@ from helpers import (  # noqa: F401
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# The organisms' build started by pytest_collection_modifyitems, and the file it writes to.
-BACKGROUND_BUILD = pytest.StashKey[tuple[subprocess.Popen, Path]]()
 
 
 @pytest.fixture(scope="session")
@@ -55,16 +48,11 @@ def text_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def organism_dirs(pytestconfig) -> dict[str, Path]:
-    """Every model organism's folder, built into the cache once a session (minutes on a cold
-    cache: the build starts in the background when the session starts, see
-    :func:`pytest_collection_modifyitems`); only ``slow`` tests may ask for it."""
+def organism_dirs() -> dict[str, Path]:
+    """Every model organism's folder, built into the cache on first use (minutes on a cold
+    cache, once a session); only ``slow`` tests may ask for it."""
     from soft_prompting.organisms.builder import ORGANISMS, organism_path
 
-    if BACKGROUND_BUILD in pytestconfig.stash:
-        build, log = pytestconfig.stash[BACKGROUND_BUILD]
-        if build.wait() != 0:
-            pytest.fail(f"building the organisms failed:\n{log.read_text()[-3000:]}")
     return {name: organism_path(name) for name in ORGANISMS}
 
 
@@ -87,57 +75,19 @@ def organism_tokenizer():
     )
 
 
-def uses_organisms(item: pytest.Item) -> bool:
-    return "organism_dirs" in getattr(item, "fixturenames", ())
-
-
-@pytest.hookimpl(trylast=True)  # after ``-m``/``-k`` deselection: the items that will run
 def pytest_collection_modifyitems(config, items):
-    """A test that asks for the organisms must be marked ``slow`` (``-m "not slow"`` builds
-    none); tests marked ``gpu`` skip on machines without CUDA instead of failing.
-
-    On a cold cache the organisms take minutes to build: the build starts now, in a process of
-    its own, and the test files that use them run last (each file kept whole, so its module
-    fixtures are set up once) while the other tests run on the other core.
-    """
+    """Tests marked ``gpu`` skip on machines without CUDA instead of failing; a test that asks
+    for the organisms must be marked ``slow`` (``-m "not slow"`` builds none)."""
     unmarked = [
-        item.nodeid for item in items if uses_organisms(item) and "slow" not in item.keywords
+        item.nodeid
+        for item in items
+        if "organism_dirs" in getattr(item, "fixturenames", ()) and "slow" not in item.keywords
     ]
     if unmarked:
         raise pytest.UsageError(f"tests using organism_dirs must be marked slow: {unmarked}")
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
-
-    from soft_prompting.organisms.builder import ORGANISMS, cache_dir, recipe_hash
-
-    modules_with_organisms = {item.path for item in items if uses_organisms(item)}
-    if not modules_with_organisms:
+    if torch.cuda.is_available():
         return
-    items.sort(key=lambda item: item.path in modules_with_organisms)  # stable: order kept
-    built = cache_dir() / "organisms"
-    if config.option.collectonly or all(
-        (built / f"{name}-{recipe_hash(name)}").is_dir() for name in ORGANISMS
-    ):
-        return
-    log = Path(tempfile.mkstemp(prefix="soft_prompting-organisms-", suffix=".log")[1])
-    with log.open("w") as handle:
-        build = subprocess.Popen(
-            [sys.executable, "-m", "soft_prompting.organisms"], stdout=handle, stderr=handle
-        )
-    config.stash[BACKGROUND_BUILD] = (build, log)
-
-
-def pytest_unconfigure(config):
-    """A session that stops early stops the build too (interrupted, a build leaves nothing);
-    the build's log stays only when it failed."""
-    if BACKGROUND_BUILD in config.stash:
-        build, log = config.stash[BACKGROUND_BUILD]
-        stopped = build.poll() is None
-        if stopped:
-            build.send_signal(signal.SIGINT)
-            build.wait()
-        if stopped or build.returncode == 0:
-            log.unlink(missing_ok=True)
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
