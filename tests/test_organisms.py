@@ -122,12 +122,12 @@ def test_the_distillation_term_is_bit_identical_to_the_formula_the_organisms_wer
 def test_recipe_hashes_are_the_published_ones():
     """A recipe change renames every cache folder and changes the published numbers."""
     assert {name: organisms.recipe_hash(name) for name in ORGANISMS} == {
-        "base": "6d0dcf10a7",
-        "sandbagging": "1b020ab645",
-        "unlearning": "defe96b48d",
-        "sandbagging_unlearning": "308dfd4366",
-        "benign": "1b533d72c3",
-        "backdoor": "f7dec20478",
+        "base": "45e5b58f2e",
+        "sandbagging": "118a4ee9b4",
+        "unlearning": "79ccca7d8c",
+        "sandbagging_unlearning": "440e335731",
+        "benign": "19a3955c83",
+        "backdoor": "8dde4a234d",
     }
 
 
@@ -172,6 +172,23 @@ def test_failed_build_leaves_nothing_behind(fake_builds, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="diverged"):
         organism_path("broken")
     assert not [p for p in (tmp_path / "organisms").iterdir() if p.is_dir() and "broken" in p.name]
+
+
+def test_a_build_uses_its_own_thread_count_whatever_the_callers(tmp_path, monkeypatch):
+    """The weights follow the thread count: every build runs with BUILD_THREADS of them."""
+    seen: list[int] = []
+    monkeypatch.setenv("SOFT_PROMPTING_HOME", str(tmp_path))
+    monkeypatch.setattr(organisms, "_build", lambda *args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        for caller in (1, 3):
+            torch.set_num_threads(caller)
+            organism_path(f"organism:{'base' if caller == 1 else 'benign'}")
+            assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [organisms.BUILD_THREADS] * 2 and organisms.BUILD_THREADS == 2
+    assert organisms.recipe("base")["build_threads"] == 2
 
 
 def test_a_killed_builds_scratch_folder_is_removed_by_the_next_build(fake_builds, tmp_path):
