@@ -18,8 +18,8 @@ line) and, without any soft prompt:
    ``baseline_candidates`` candidates, cut at their divergence peak, merge near-duplicates, score
    them on the ``"select"`` stream, keep the best as many as there are prompts, confirm those on
    fresh samples), all starting from the texts the run's strategies started from
-   (:func:`~soft_prompting.training.pipeline.strategy_texts`): see :data:`BASELINES`. ``lifts`` = the prompts' mean held-out KL ÷ each
-   baseline's, with a bootstrap CI.
+   (:func:`~soft_prompting.training.pipeline.strategy_texts`): see :data:`BASELINES`.
+   ``lifts`` = the prompts' mean held-out KL ÷ each baseline's, with a bootstrap CI.
 
 A prompt is a **discovery** when ``q_value < fdr_level`` and its effect's CI lies above the best
 effect any baseline prompt reached (:func:`discovery_rule`): it shows more than selection alone.

@@ -137,7 +137,7 @@ def paired_generate(
     first = {"input_ids": input_ids, "attention_mask": prompt_mask, "position_ids": position_ids}
     states = [
         {
-            # logits_to_keep=0: the prompt's forward as evaluations were first measured with
+            # logits_to_keep=0 (every position): bit-identical to the scoring before the decoder
             "decoder": CachedDecoder(model, first, vocab, logits_to_keep=0),
             "tokens": [],
             "done": torch.zeros(rows, dtype=torch.bool, device=pair.device),
@@ -184,6 +184,9 @@ class CachedDecoder:
             soft prompt), ``attention_mask`` and ``position_ids``, all ``[B, L]``-shaped.
         vocab_size: real vocabulary (logits beyond it, embedding padding, are dropped).
         logits_to_keep: positions whose logits the first forward computes (0: all of them).
+
+    Attributes:
+        logits: ``[B, V]`` fp32, the next token's logits.
     """
 
     def __init__(self, model, inputs: dict, vocab_size: int, logits_to_keep: int = 1) -> None:
@@ -212,7 +215,6 @@ class CachedDecoder:
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
         self.logits = out.logits[:, -1, : self.vocab_size].float()
-        """``[B, V]`` fp32: the next token's logits."""
 
 
 def _cache_argument(model) -> str:

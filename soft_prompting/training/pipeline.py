@@ -85,9 +85,10 @@ def strategy_texts(module: DivergenceModule, data: DataConfig, seed: int) -> dic
     texts of ``data`` (its seeded split and ``max_texts_per_category``), each cut to the training
     text length. Evaluate's baselines start from them too: a baseline is selection-matched only
     if it starts where the run's strategies did."""
-    texts = all_texts_by_category(_text_datamodule(module, data, seed))
-    max_length = fit_to_context(data.max_length, module.max_text_length)
-    return truncate_texts(module.tokenizer, texts, max_length)
+    datamodule = _text_datamodule(module, data, seed)
+    return truncate_texts(
+        module.tokenizer, all_texts_by_category(datamodule), datamodule.max_length
+    )
 
 
 def build_trainer(
