@@ -67,10 +67,12 @@ if [ -n "$missing" ]; then
     exit 2
 fi
 "$PYTHON" - <<'EOF' >&2
-import torch, transformers, peft, lightning
+from importlib.metadata import version  # the versions without importing the packages: faster
+
+import torch
+
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-print("transformers", transformers.__version__, "peft", peft.__version__,
-      "lightning", lightning.__version__)
+print(*(f"{name} {version(name)}" for name in ("transformers", "peft", "lightning")))
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(), torch.cuda.mem_get_info())
 EOF
@@ -84,7 +86,7 @@ else
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >&2 || true
 fi
 
-failed=()
+rm -f "$OUT"/*.failed  # a part that fails leaves $OUT/NAME.failed (parts may run side by side)
 run_part() {  # name, timeout in seconds, command...
     local name=$1 limit=$2
     shift 2
@@ -94,7 +96,7 @@ run_part() {  # name, timeout in seconds, command...
     else
         log "$name FAILED or timed out (rc $?); last lines of its log:"
         tail -n 20 "$OUT/$name.log" >&2 || true
-        failed+=("$name")
+        touch "$OUT/$name.failed"
     fi
 }
 bench() {  # name, timeout, soft_prompting.benchmark arguments...
@@ -110,10 +112,11 @@ pipeline() {  # name, timeout, experiments/pipeline_benchmark.py arguments...
         --json "$OUT/$name.json" --workdir "${WORKDIR:-/tmp/gpu_benchmark_runs}/$name" "$@"
 }
 
-if [ "${SMOKE:-0}" = 1 ]; then
-    bench tiny 120 --preset tiny --threads 1 --no-memory --repeats 1 --gen-repeats 1
+if [ "${SMOKE:-0}" = 1 ]; then  # side by side: a dry run measures nothing
+    bench tiny 120 --preset tiny --threads 1 --no-memory --repeats 1 --gen-repeats 1 &
     pipeline pipeline_tiny 300 --preset tiny --steps 2 --batch-size 2 --seq-len 16 \
-        --candidates 2 --samples 2 --new-tokens 4 --generation-batch 2 --confirm-generations 2
+        --candidates 2 --samples 2 --new-tokens 4 --generation-batch 2 --confirm-generations 2 &
+    wait
 else
     if [ "$PART" = train ] || [ "$PART" = all ]; then
         # Llama-2-7B dimensions, bf16, batch 8 x 256 (+ 8 virtual tokens); generation and scoring
@@ -168,7 +171,9 @@ if not smoke:
     (out / file_name).write_text(target.read_text())  # $OUT is what comes back from a device
 print(f"raw results: {target}", file=sys.stderr)
 EOF
+shopt -s nullglob
+failed=("$OUT"/*.failed)
 if [ ${#failed[@]} -gt 0 ]; then
-    log "failed: ${failed[*]}"
+    log "failed: $(basename -a "${failed[@]%.failed}" | tr '\n' ' ')"
     exit 1
 fi

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_entrypoint, run_main
+from helpers import run_main
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
@@ -44,14 +44,12 @@ def tiny_overrides(tiny_pair_dirs, text_dir) -> list[str]:
 
 
 def multirun(
-    sweep_dir: Path, overrides: list[str], succeeds: bool = True, in_process: bool = True
+    sweep_dir: Path, overrides: list[str], succeeds: bool = True
 ) -> subprocess.CompletedProcess:
-    """``python -m soft_prompting.train -m`` into ``sweep_dir``, in this process unless
-    ``in_process`` is False; asserts its exit status was 0 (or, with ``succeeds=False``, was
-    not)."""
-    run = run_main if in_process else run_entrypoint
+    """``python -m soft_prompting.train -m`` into ``sweep_dir``, in this process; asserts its exit
+    status was 0 (or, with ``succeeds=False``, was not)."""
     args = ["-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
-    result = run("soft_prompting.train", args, sweep_dir.parent, {"OMP_NUM_THREADS": "1"})
+    result = run_main("soft_prompting.train", args, sweep_dir.parent, {"OMP_NUM_THREADS": "1"})
     assert (result.returncode == 0) == succeeds, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -149,22 +147,6 @@ def test_optuna_sweep_keeps_its_study_in_the_storage(tiny_pair_dirs, text_dir, t
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
-@pytest.mark.slow
-def test_submitit_launcher_runs_the_jobs_with_its_local_executor(
-    tiny_pair_dirs, text_dir, tmp_path
-):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    overrides = tiny_overrides(tiny_pair_dirs, text_dir) + [
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10",
-        "training.num_soft_prompt_tokens=2,3",
-    ]
-    multirun(tmp_path, overrides, in_process=False)  # the launcher's own processes, as users run it
-    assert (tmp_path / ".submitit").is_dir()
-    results = job_results(tmp_path)
-    assert {job: r["shape"] for job, r in results.items()} == {0: (2, 32), 1: (3, 32)}
-
-
 @pytest.mark.parametrize("config_name", ["train", "compare"])
 def test_the_sweep_dir_resolves_before_hydra_config_is_set_and_not_per_job(config_name):
     """A sweeper reads hydra.sweep.dir before Hydra sets HydraConfig, so it must not need the
@@ -205,6 +187,8 @@ def test_the_readme_sweep_commands_run_as_printed(tiny_pair_dirs, text_dir, tmp_
         args = shlex.split(command) + cheap
         if "hparams_search=optuna" in command:
             args.append("hydra.sweeper.n_trials=1")
+        if "submitit" in command:  # two jobs, each in a process of the launcher's own
+            args.append("training.num_soft_prompt_tokens=2,3")
         assert args[0] == "python" and not any(a.startswith("hydra.sweep.dir") for a in args)
         before = set(tmp_path.glob("multirun/*"))
         if "submitit" in command:  # the launcher's own processes, from a process as users run it
@@ -225,7 +209,8 @@ def test_the_readme_sweep_commands_run_as_printed(tiny_pair_dirs, text_dir, tmp_
     grid, optuna, submitit = jobs
     assert [(job, r["shape"][0]) for job, r in grid] == list(enumerate([4, 4, 8, 8, 16, 16]))
     assert len(optuna) == 1 and (tmp_path / "optuna.db").is_file()
-    assert len(submitit) == 1 and (sweep_dir / ".submitit").is_dir()
+    assert [(job, r["shape"]) for job, r in submitit] == [(0, (2, 32)), (1, (3, 32))]
+    assert (sweep_dir / ".submitit").is_dir()
 
 
 def run_job_in_process(overrides: list[str], run_dir: Path) -> float:
