@@ -133,6 +133,7 @@ def test_fsdp_shards_the_pair_and_learns_the_same_prompt_as_one_process(
         "generation.max_length=4",
         "generation.num_generations_per_prompt=1",
         "generation.strategies=[{_target_:soft_prompting.hard_prompts.strategies.CategoryTextRanking}]",
+        in_process=True,  # a one-process run: no interpreter of its own needed
     )
     torch.testing.assert_close(resumed["prompt"], two["prompt"])
     assert resumed["step"] == 3
