@@ -135,21 +135,24 @@ def test_evaluate_command_line_stands_for_the_evaluate_entrypoint(finished_run, 
 def test_evaluate_command_line_runs(finished_run, tiny_pair_dirs, tmp_path):
     if importlib.util.find_spec("soft_prompting.evaluate") is None:
         pytest.skip("soft_prompting.evaluate is not in this checkout yet")
-    run_script(
-        "evaluate_hard_prompts.py",
-        "--config",
-        CONFIGS / "eval.yaml",
-        "--prompts-file",
-        finished_run / "divergent_dataset.pt",
-        "--output-dir",
-        tmp_path / "evaluation",
-        f"model_1_name={tiny_pair_dirs[0]}",
-        f"model_2_name={tiny_pair_dirs[1]}",
-        "generation.num_generations_per_prompt=2",
-        "generation.max_length=6",
-        SMALL_STRATEGIES,  # the untrained-pipeline baseline's proposals
+    script = load_script("evaluate_hard_prompts.py")  # its main() here; evaluate in a process
+    returncode = script.main(
+        [
+            "--config",
+            str(CONFIGS / "eval.yaml"),
+            "--prompts-file",
+            str(finished_run / "divergent_dataset.pt"),
+            "--output-dir",
+            str(tmp_path / "evaluation"),
+            f"model_1_name={tiny_pair_dirs[0]}",
+            f"model_2_name={tiny_pair_dirs[1]}",
+            "generation.num_generations_per_prompt=2",
+            "generation.max_length=6",
+            SMALL_STRATEGIES,  # the untrained-pipeline baseline's proposals
+        ]
     )
-    assert any((tmp_path / "evaluation").iterdir())
+    assert returncode == 0
+    assert (tmp_path / "evaluation" / "summary.json").is_file()
 
 
 @pytest.mark.slow
