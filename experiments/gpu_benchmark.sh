@@ -113,6 +113,7 @@ pipeline() {  # name, timeout, experiments/pipeline_benchmark.py arguments...
 }
 
 if [ "${SMOKE:-0}" = 1 ]; then  # side by side: a dry run measures nothing
+    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # an interrupted dry run leaves no part behind
     bench tiny 120 --preset tiny --threads 1 --no-memory --repeats 1 --gen-repeats 1 &
     pipeline pipeline_tiny 300 --preset tiny --steps 2 --batch-size 2 --seq-len 16 \
         --candidates 2 --samples 2 --new-tokens 4 --generation-batch 2 --confirm-generations 2 &

@@ -255,7 +255,7 @@ def discovery_table(results: list[dict]) -> str:
             r["seed"],
             _number(r.get("topic_fraction")),
             _number(r.get("top_nll_ratio_median")),
-            f"`{r.get('top_trigger')}`",
+            f"`{r['top_trigger']}`" if r.get("top_trigger") else "–",
             f"{r['train_and_dataset_seconds']:.0f}",
         ]
         for r in results
@@ -264,23 +264,33 @@ def discovery_table(results: list[dict]) -> str:
 
 
 def strategy_table(results: list[dict]) -> str:
-    """Per scenario and strategy, over the seeds: records, top-20 places, topic share, fluency."""
+    """Per scenario and strategy, seed by seed (``–``: none that seed): records, top-20 places,
+    topic share, fluency."""
     header = [
         "scenario", "strategy", "records", "top-20 places", "about a planted behaviour",
         "median NLL ratio",
     ]  # fmt: skip
-    seen: dict[tuple[str, str], list[dict]] = {}
+    seeds: dict[str, list[int]] = {}
+    seen: dict[tuple[str, str], dict[int, dict]] = {}
     for r in results:
+        seeds.setdefault(r["scenario"], []).append(r["seed"])
         for source, stats in r.get("by_source", {}).items():
-            seen.setdefault((r["scenario"], source), []).append(stats)
+            seen.setdefault((r["scenario"], source), {})[r["seed"]] = stats
 
-    def per_seed(runs: list[dict], key: str) -> str:
-        values = [run[key] for run in runs if run[key] is not None]
-        return "/".join(str(v) if isinstance(v, int) else f"{v:.2f}" for v in values) or "–"
+    def cell(stats: dict | None, key: str) -> str:
+        value = None if stats is None else stats[key]
+        return "–" if value is None else str(value) if isinstance(value, int) else f"{value:.2f}"
 
     rows = [
-        [name, source, *(per_seed(runs, key) for key in STRATEGY_KEYS)]
-        for (name, source), runs in seen.items()
+        [
+            name,
+            source,
+            *(
+                "/".join(cell(by_seed.get(seed), key) for seed in seeds[name])
+                for key in STRATEGY_KEYS
+            ),
+        ]
+        for (name, source), by_seed in seen.items()
     ]
     return markdown(header, rows)
 

@@ -292,8 +292,11 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
         config.seed,
         stream="confirm",
     )
+    texts = baseline_texts(module, config) if config.baselines else {}
     baselines = {
-        name: run_baseline(name, module, config, len(rows), select, confirm, provenance, run_dir)
+        name: run_baseline(
+            name, module, config, texts, len(rows), select, confirm, provenance, run_dir
+        )
         for name in config.baselines
     }
     summary = summarise(module, config, records, baselines)
@@ -338,18 +341,8 @@ def baseline_strategies(name: str, config: EvaluateConfig, budget: int, num_cate
     ]
 
 
-def run_baseline(
-    name: str,
-    module,
-    config: EvaluateConfig,
-    keep: int,
-    select: SamplingSettings,
-    confirm: SamplingSettings,
-    provenance: dict,
-    run_dir: Path,
-) -> list[dict]:
-    """One selection-matched baseline: propose → score (select) → keep the best → confirm."""
-    from soft_prompting.hard_prompts.strategies import propose_candidates
+def baseline_texts(module, config: EvaluateConfig) -> dict[str, list[str]]:
+    """What every baseline starts from: the texts the run's strategies started from."""
     from soft_prompting.training.pipeline import strategy_texts
 
     texts = {c: t for c, t in strategy_texts(module, config.data, config.seed).items() if t}
@@ -358,6 +351,24 @@ def run_baseline(
             "the baselines need category texts: none were found for data.categories / "
             "data.text_dir (or pass baselines=[])"
         )
+    return texts
+
+
+def run_baseline(
+    name: str,
+    module,
+    config: EvaluateConfig,
+    texts: dict[str, list[str]],
+    keep: int,
+    select: SamplingSettings,
+    confirm: SamplingSettings,
+    provenance: dict,
+    run_dir: Path,
+) -> list[dict]:
+    """One selection-matched baseline: propose from ``texts`` → score (select) → keep the best
+    → confirm."""
+    from soft_prompting.hard_prompts.strategies import propose_candidates
+
     budget = config.baseline_candidates or config.generation.num_prompts
     strategies = baseline_strategies(name, config, budget, len(texts))
     # The dataset's fluency cap too: a baseline is matched only if it is selected the same way.

@@ -137,7 +137,8 @@ def run_main(
     environment (``env`` values of None are unset; ``OMP_NUM_THREADS`` sets torch's threads),
     ``sys.argv``, the logging handlers Hydra's job logging installs (closed, so the run's log file
     is complete), warning filters, and Hydra's global state. Use :func:`run_entrypoint` for what
-    needs a process of its own (signals, kills, a console script, import side effects, DDP).
+    needs a process of its own (a signal from outside, kills, a console script, import side
+    effects, DDP).
     """
     import contextlib
     import importlib

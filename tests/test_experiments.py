@@ -262,6 +262,12 @@ def test_the_hard_prompt_benchmark_counts_fluency_triggers_and_strategies():
             "nll_ratio_median": 1.0,
         },
     }
-    assert "| backdoor | soft_prompt_exploration | 2 | 2 | 1.00 | 1.00 |" in (
-        benchmark.strategy_table([{"scenario": "backdoor", **stats}])
-    )
+    later = {
+        "scenario": "backdoor",
+        "seed": 1,
+        "by_source": {"category_text": stats["by_source"]["category_text"]},
+    }
+    table = benchmark.strategy_table([{"scenario": "backdoor", "seed": 0, **stats}, later])
+    # seed by seed; a strategy with no record in seed 1 shows a dash there
+    assert "| backdoor | soft_prompt_exploration | 2/– | 2/– | 1.00/– | 1.00/– |" in table
+    assert "| backdoor | category_text | 2/2 | 2/2 | 0.00/0.00 | 2.50/2.50 |" in table

@@ -592,14 +592,16 @@ SIGNAL_ARGS = [
 ]
 
 
-def wait_until_training(run_dir: Path, running) -> None:
-    """Returns once ``run_dir``'s training curve has a few steps (while ``running()`` holds)."""
+def wait_until_training(run_dir: Path, running) -> bool:
+    """Whether ``run_dir``'s training curve got a few steps (within 2 minutes, while
+    ``running()`` holds)."""
     curve = run_dir / run_files.TRAINING_CURVE
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and running():
         if curve.is_file() and len(curve.read_text().splitlines()) > 3:
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 def assert_stopped_with_a_checkpoint(returncode: int, err: str, signum, run_dir: Path) -> None:
@@ -646,31 +648,32 @@ def test_ctrl_c_and_slurms_sigusr1_save_a_checkpoint_and_exit_non_zero(
     """The run in this process (no interpreter start-up), the signal sent to it by a thread."""
     run_dir = tmp_path / "run"
     unhandled: list[int] = []  # a signal the run did not take must not end pytest
+    finished = threading.Event()
 
     def not_taken(received, frame):
         unhandled.append(received)
-        raise RuntimeError(f"the run did not take {signal.Signals(received).name}")
-
-    previous = signal.signal(signum, not_taken)
-    finished = threading.Event()
+        if not finished.is_set():  # stop the run (it would go on for 100000 steps)
+            raise RuntimeError(f"the run did not take {signal.Signals(received).name}")
 
     def send() -> None:
-        wait_until_training(run_dir, lambda: not finished.is_set())
-        if not finished.is_set():
+        if wait_until_training(run_dir, lambda: not finished.is_set()):
             os.kill(os.getpid(), signum)
 
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
+    previous = signal.signal(signum, not_taken)
     try:
-        result = run_main(
-            "soft_prompting.train",
-            [*contract_args(tiny_pair_dirs, text_dir, run_dir), *SIGNAL_ARGS],
-            tmp_path,
-            {"OMP_NUM_THREADS": "1"},
-        )
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            result = run_main(
+                "soft_prompting.train",
+                [*contract_args(tiny_pair_dirs, text_dir, run_dir), *SIGNAL_ARGS],
+                tmp_path,
+                {"OMP_NUM_THREADS": "1"},
+            )
+        finally:
+            finished.set()
+            sender.join()
     finally:
-        finished.set()
-        sender.join()
         signal.signal(signum, previous)
     assert not unhandled, result.stderr[-2000:]
     assert_stopped_with_a_checkpoint(result.returncode, result.stderr, signum, run_dir)

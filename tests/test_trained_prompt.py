@@ -19,7 +19,7 @@ register_configs()
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("organism_dirs")  # toy_sandbagging: waits for the session's build
+@pytest.mark.usefixtures("organism_dirs")  # toy_sandbagging: built once for the session
 def test_the_trained_prompt_beats_no_prompt_and_the_untrained_prompt(tmp_path):
     with initialize_config_module(config_module="soft_prompting.conf", version_base=None):
         composed = compose(

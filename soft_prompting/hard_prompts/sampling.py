@@ -191,6 +191,7 @@ class CachedDecoder:
 
     def __init__(self, model, inputs: dict, vocab_size: int, logits_to_keep: int = 1) -> None:
         self.model, self.vocab_size = model, vocab_size
+        self._cache_name = _cache_argument(model)
         self.mask = inputs["attention_mask"]
         self.position = inputs["position_ids"][:, -1]
         self._read(model(**inputs | {"use_cache": True}, logits_to_keep=logits_to_keep))
@@ -199,7 +200,7 @@ class CachedDecoder:
         """Feeds ``tokens`` (``[B]``, one per row) after everything so far."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
         self.position = self.position + 1
-        cache = {_cache_argument(self.model): self.cache}
+        cache = {self._cache_name: self.cache}
         self._read(
             self.model(
                 input_ids=tokens[:, None],
