@@ -81,14 +81,10 @@ def _text_datamodule(
 
 
 def strategy_texts(module: DivergenceModule, data: DataConfig, seed: int) -> dict[str, list[str]]:
-    """The texts a train run's hard-prompt strategies start from: the training and held-out
-    texts of ``data`` (its seeded split and ``max_texts_per_category``), each cut to the training
-    text length. Evaluate's baselines start from them too: a baseline is selection-matched only
-    if it starts where the run's strategies did."""
-    datamodule = _text_datamodule(module, data, seed)
-    return truncate_texts(
-        module.tokenizer, all_texts_by_category(datamodule), datamodule.max_length
-    )
+    """:func:`all_texts_by_category` of the datamodule a train run with ``data`` and ``seed``
+    builds, without the run: what evaluate's baselines start from (a baseline is
+    selection-matched only if it starts where the run's strategies did)."""
+    return all_texts_by_category(_text_datamodule(module, data, seed))
 
 
 def build_trainer(
@@ -426,9 +422,10 @@ def write_dataset(
 
 
 def all_texts_by_category(datamodule: CategoryTextDataModule) -> dict[str, list[str]]:
-    """Training and held-out texts together, per category: the strategies' starting points."""
+    """Training and held-out texts together, per category, each cut to the training text length
+    (``datamodule.max_length``): the hard-prompt strategies' starting points."""
     datamodule.setup("fit")
     texts = datamodule.texts_by_category("train")
     for category, held_out in datamodule.texts_by_category("val").items():
         texts.setdefault(category, []).extend(held_out)
-    return texts
+    return truncate_texts(datamodule.tokenizer, texts, datamodule.max_length)
