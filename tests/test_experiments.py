@@ -250,6 +250,8 @@ def test_the_hard_prompt_benchmark_counts_fluency_triggers_and_strategies():
     ]
     for record, nll in zip(records, (1.0, 2.0, 3.0, 8.0), strict=True):
         record |= {"prompt_nll": nll, "reference_nll": 2.0}
+    # 20 more, unscored for fluency: 16 of them reach the top 20, 4 do not
+    records += [{"prompt": f"text {i}", "source": "contrastive_exploration"} for i in range(20)]
     stats = benchmark.prompt_stats(records, ("backdoor",))
     assert stats["top_nll_ratio_median"] == 1.25  # ratios 0.5, 1, 1.5, 4
     assert stats["top_trigger"] == "pickles"
@@ -260,6 +262,12 @@ def test_the_hard_prompt_benchmark_counts_fluency_triggers_and_strategies():
             "in_top": 2,
             "topic_share": 1.0,
             "nll_ratio_median": 1.0,
+        },
+        "contrastive_exploration": {
+            "records": 20,
+            "in_top": 16,
+            "topic_share": 0.0,
+            "nll_ratio_median": None,
         },
     }
     later = {
