@@ -12,15 +12,17 @@ process, after a warm-up, the variants are timed interleaved and the medians rep
 - ``naive_train``: PEFT prompt tuning around each model, the two prompt embeddings tied to one
   Parameter, fp32, full logits at every position, ``softmax().log()``, ``F.kl_div`` masked to the
   text positions, Adam step.
-- ``gen``: :func:`~soft_prompting.hard_prompts.sampling.score_prompts` (KV-cached generate for both models,
-  model_2 teacher-forced once), greedy.
+- ``gen``: :func:`~soft_prompting.hard_prompts.sampling.score_prompts` (both models decode over a
+  key/value cache, static on CUDA; every log-probability teacher-forced), greedy.
 - ``naive_gen``: a recompute-everything greedy loop (no KV cache, full logits every step) for both
   models, then per-position scoring (one forward of each model per continuation position).
 
 Peak memory: on CPU each variant runs again alone in a child process, which reports its peak
 resident set (``VmHWM``, reset after the pair is built, so the building transient does not count);
 on CUDA, ``torch.cuda.max_memory_allocated`` around each variant. ``--variants`` adds optional
-training-step variants (``generic_head``, ``bf16_autocast``, ``compile``) measured in the same loop.
+training-step variants (``generic_head``, ``fp32``, ``bf16_autocast``, ``bf16_weights``,
+``compile``) and generation variants (``growing_cache``, ``static_cache``: the key/value cache
+that is not the device's default) measured in the same loop.
 """
 
 from __future__ import annotations
@@ -92,7 +94,17 @@ PEAK_BF16_FLOPS = {
     "L4": 121e12,
 }
 
-VARIANTS = ("generic_head", "fp32", "bf16_autocast", "bf16_weights", "compile")
+VARIANTS = (
+    "generic_head",
+    "fp32",
+    "bf16_autocast",
+    "bf16_weights",
+    "compile",
+    "growing_cache",
+    "static_cache",
+)
+"""Measured beside the defaults: training variants, and two of generation (``score_prompts`` over
+a cache that grows by a copy per token, or one allocated once; the default is static on CUDA)."""
 
 SCALING: dict[str, tuple[int, ...]] = {
     "seq_len": (64, 128, 256),
@@ -314,7 +326,10 @@ def naive_train_step(settings: Settings, pair, init: torch.Tensor) -> Callable[[
 
 
 # ---------------------------------------------------------------------------- generation + scoring
-def project_gen_score(settings: Settings, pair, prompts: list[str]) -> Callable[[], list[dict]]:
+def project_gen_score(
+    settings: Settings, pair, prompts: list[str], static_cache: bool | None = None
+) -> Callable[[], list[dict]]:
+    """``score_prompts`` as the dataset runs it (``static_cache`` None: its default here)."""
     from soft_prompting.hard_prompts.sampling import SamplingSettings, score_prompts
 
     sampling = SamplingSettings(
@@ -323,6 +338,7 @@ def project_gen_score(settings: Settings, pair, prompts: list[str]) -> Callable[
         temperature=0.0,
         top_p=1.0,
         batch_size=settings.gen_prompts,
+        static_cache=static_cache,
     )
     return lambda: score_prompts(pair, prompts, sampling, seed=0, progress=False)
 
@@ -547,6 +563,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
     train, module = project_train_step(settings, pair)
     steps: dict[str, Callable[[], object]] = {"train": lambda: train(batch)}
     reference_loss = {}
+    gens: dict[str, Callable[[], object]] = {"gen": project_gen_score(settings, pair, prompts)}
     if settings.naive_train:
         naive_pair = build_pair(settings, torch.float32)
         naive = naive_train_step(settings, naive_pair, module.soft_prompt)
@@ -569,9 +586,11 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         elif variant == "compile":
             compiled, _ = project_train_step(settings, pair, compile=True)
             steps["train_compile"] = lambda f=compiled: f(batch)
+        elif variant in ("growing_cache", "static_cache"):
+            static = variant == "static_cache"
+            gens[f"gen_{variant}"] = project_gen_score(settings, pair, prompts, static)
         else:
             raise ValueError(f"unknown variant {variant!r}: choose from {VARIANTS}")
-    gens: dict[str, Callable[[], object]] = {"gen": project_gen_score(settings, pair, prompts)}
     if settings.naive_gen:
         gens["naive_gen"] = naive_gen_score(settings, pair, prompts)
 
@@ -584,7 +603,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
             if i == 0:
                 first_call_s[name] = seconds
                 reference_loss[name] = value
-    warm_gens = {"gen": gens["gen"]}
+    warm_gens = {name: fn for name, fn in gens.items() if name != "naive_gen"}
     if "naive_gen" in gens:
         warm_gens["naive_gen"] = naive_gen_score(settings, pair, prompts, new_tokens=2)
     for fn in warm_gens.values():
@@ -640,6 +659,10 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         "checks": consistency_checks(reference_loss, outputs),
     }
     for variant in settings.variants:
+        if f"gen_{variant}" in median:  # a generation variant: its time and the default's speed-up
+            result[f"gen_{variant}_s"] = median[f"gen_{variant}"]
+            result[f"gen_vs_{variant}"] = ratio(median[f"gen_{variant}"], median["gen"])
+            continue
         key = f"train_{variant}"
         result[f"{key}_step_s"] = median[key]
         result[f"{key}_speedup_vs_naive"] = ratio(median.get("naive_train"), median[key])
@@ -786,6 +809,44 @@ def profile_steps(settings: Settings, log: Callable[[str], None] = print, top: i
     return tables
 
 
+def saved_activations(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    """What one real training step keeps for its backward: every tensor the autograd graph of
+    its divergence saved, counted once per storage, by the operation that saved it. The frozen
+    weights the matrix products keep (``MmBackward0``) are the models themselves, not the step's."""
+    pair = build_pair(settings)
+    batch = training_batch(settings, pair.vocab_size)
+    _, module = project_train_step(settings, pair)
+    models = (pair.model_1, pair.model_2)
+    weights = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
+    divergence = module.training_step(batch, 0)
+    by_op: dict[str, float] = {}
+    seen, stack, visited = set(), [divergence.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attribute in dir(node):  # built-in operations' _saved_*, custom Functions' own
+            if not (attribute.startswith("_saved_") or attribute == "saved_tensors"):
+                continue
+            with contextlib.suppress(Exception):  # some saved values cannot be read back
+                value = getattr(node, attribute)
+                for tensor in value if isinstance(value, tuple | list) else [value]:
+                    if not isinstance(tensor, torch.Tensor):
+                        continue
+                    storage = tensor.untyped_storage()
+                    if storage.data_ptr() in seen or storage.data_ptr() in weights:
+                        continue
+                    seen.add(storage.data_ptr())
+                    key = f"{type(node).__name__}.{attribute.removeprefix('_saved_')}"
+                    by_op[key] = by_op.get(key, 0.0) + storage.nbytes() / 2**20
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    total = sum(by_op.values())
+    rows = sorted(by_op.items(), key=lambda item: -item[1])
+    log(f"saved for backward: {total:.0f} MB; " + ", ".join(f"{k} {v:.0f}" for k, v in rows[:6]))
+    return {"total_mb": total, "by_op_mb": dict(rows)}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -810,6 +871,11 @@ def consistency_checks(losses: dict, outputs: dict) -> dict:
             if same
             else None
         )
+    for name in ("gen_growing_cache", "gen_static_cache"):
+        if "gen" in outputs and name in outputs:
+            pairs = list(zip(outputs["gen"], outputs[name], strict=True))
+            same = sum(a["generation_1"] == b["generation_1"] for a, b in pairs)
+            checks[f"{name}_same_generation_1"] = same / max(1, len(pairs))
     return checks
 
 
@@ -880,9 +946,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="instead: torch.profiler's top operators of one train and one naive step",
     )
     parser.add_argument(
+        "--activations",
+        action="store_true",
+        help="instead: what one train step saves for its backward, by operation (MB)",
+    )
+    parser.add_argument(
         "--variants",
         default="",
-        help=f"comma-separated extra training variants: {','.join(VARIANTS)}",
+        help=f"comma-separated extra training or generation variants: {','.join(VARIANTS)}",
     )
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     parser.add_argument("--_settings", dest="settings_json", help=argparse.SUPPRESS)
@@ -941,12 +1012,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     settings = settings_from_args(args)
     torch.set_num_threads(settings.threads)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if args.scaling or args.profile:
+    if args.scaling or args.profile or args.activations:
         result = {"preset": settings.preset}
         if args.scaling:
             result["scaling"] = scaling_table(settings, log)
         if args.profile:
             result["profile"] = profile_steps(settings, log)
+        if args.activations:
+            result["saved_for_backward"] = saved_activations(settings, log)
         result |= {"settings": asdict(settings), "device": describe_device(settings)}
     else:
         result = run_benchmark(settings, log=log)

@@ -32,6 +32,7 @@ appending to ``*.partial.jsonl`` files, so a killed run resumes), ``baseline_pro
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,10 +50,12 @@ from soft_prompting.config import (
     ModelPairConfig,
     TrainingConfig,
     register_configs,
+    to_overrides,
 )
 from soft_prompting.errors import (
     ConfigError,
     DataError,
+    Interrupted,
     ModelLoadError,
     exit_2_on_config_errors,
     reported_errors,
@@ -67,6 +70,8 @@ from soft_prompting.maths.significance import (
 )
 from soft_prompting.pair.placement import resolve_device
 from soft_prompting.run_files import environment, read_records, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
 
 BASELINES: dict[str, str] = {
     "text_ranking": "the category texts ranked by the pair's divergence and cut at their peak "
@@ -138,6 +143,33 @@ class EvaluateConfig:
         if self.bootstrap_resamples < 100:
             raise ConfigError(f"bootstrap_resamples={self.bootstrap_resamples}: must be >= 100")
 
+
+MATCHED_SETTINGS = (
+    "seed",
+    "model_pair.model_1_name",
+    "model_pair.model_2_name",
+    "data.categories",
+    "data.text_dir",
+    "data.hf_dataset",
+    "data.hf_text_field",
+    "data.hf_category_field",
+    "data.max_texts_per_category",
+    "data.val_fraction",
+    "data.max_length",
+    "training.num_soft_prompt_tokens",
+    "training.num_prompts",
+    "generation.strategies",
+    "generation.num_prompts",
+    "generation.max_length",
+    "generation.num_generations_per_prompt",
+    "generation.temperature",
+    "generation.top_p",
+    "generation.max_prompt_nll_ratio",
+    "generation.localise_top",
+    "generation.rounds",
+)
+"""What decides the texts the baselines start from and the selection they go through: evaluate
+must be given the values of the run that wrote ``prompts_file`` for the baselines to match it."""
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 register_configs()
@@ -265,9 +297,51 @@ def untrained_module(config: EvaluateConfig, pair_args: dict):
     ).eval()
 
 
+def differences_from_run(config: EvaluateConfig) -> dict:
+    """Where evaluate's :data:`MATCHED_SETTINGS` differ from those of the train run that wrote
+    ``prompts_file`` (its Hydra ``.hydra/config.yaml`` beside the file; none there: no check).
+
+    Returns:
+        ``{"run_config": path or None, "differ": {key: {"evaluate": value, "run": value}}}``.
+    """
+    path = Path(config.prompts_file).parent / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {"run_config": None, "differ": {}}
+    try:
+        run = OmegaConf.load(path)  # YAML only: nothing is executed or unpickled
+    except Exception as err:  # a torn or hand-edited file: say so, evaluate anyway
+        log.warning(
+            "cannot read %s (%s): evaluate's settings are not checked against it", path, err
+        )
+        return {"run_config": str(path), "differ": {}}
+    ours, absent = OmegaConf.structured(config), object()
+    differ = {}
+    for key in MATCHED_SETTINGS:
+        theirs = OmegaConf.select(run, key, default=absent, throw_on_resolution_failure=False)
+        if theirs is absent:  # an older run without the setting: nothing to compare
+            continue
+        mine, theirs = (
+            OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+            for v in (OmegaConf.select(ours, key), theirs)
+        )
+        if mine != theirs:
+            differ[key] = {"evaluate": mine, "run": theirs}
+    if differ:
+        log.warning(
+            "evaluate's settings differ from the run that wrote prompts_file (%s): %s. The "
+            "baselines then start from other texts or another selection than the prompts did; "
+            "pass the run's values: %s",
+            path,
+            ", ".join(f"{k}={v['evaluate']!r} (run: {v['run']!r})" for k, v in differ.items()),
+            " ".join(to_overrides({k: v["run"] for k, v in differ.items()})),
+        )
+    return {"run_config": str(path), "differ": differ}
+
+
 def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     """The recipe: prompts → pair → confirm on fresh samples → baselines → test → summary."""
     rows = read_prompts(config.prompts_file)[: config.max_prompts]
+    matched = differences_from_run(config)
     pair_args = {k: v for k, v in asdict(config.model_pair).items() if k != "description"}
     if config.soft_prompt_checkpoint:  # checked before any work; never unpickled
         check_soft_prompt_checkpoint(config.soft_prompt_checkpoint, pair_args)
@@ -299,7 +373,7 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
         )
         for name in config.baselines
     }
-    summary = summarise(module, config, records, baselines)
+    summary = summarise(module, config, records, baselines) | {"matched_to_run": matched}
     records = sort_by_divergence(records)
     write_jsonl(run_dir / run_files.EVALUATED_PROMPTS, records)
     write_jsonl(run_dir / run_files.BASELINE_PROMPTS, [r for b in baselines.values() for r in b])
@@ -589,6 +663,16 @@ def markdown(summary: dict, records: list[dict], top: int = 20) -> str:
         f"Every number below comes from {summary['confirm_generations']} fresh sample pairs per "
         "prompt (never the samples that selected it).",
         "",
+    ]
+    differ = summary.get("matched_to_run", {}).get("differ")
+    if differ:
+        lines += [
+            "**The baselines are not matched to the prompts' run**: "
+            + ", ".join(f"`{k}` {v['evaluate']!r} (run: {v['run']!r})" for k, v in differ.items())
+            + ". They started from other texts or another selection than the prompts did.",
+            "",
+        ]
+    lines += [
         "| prompts | n | mean KL | effect [95% CI] | reliability | significant | lift (KL) |",
         "|---|---|---|---|---|---|---|",
         f"| evaluated | {summary['prompts']['num_prompts']} "
@@ -641,7 +725,14 @@ def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
 @hydra.main(version_base=None, config_path="pkg://soft_prompting.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with reported_errors():
-        summary = evaluate(to_evaluate_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            summary = evaluate(to_evaluate_config(cfg), run_dir)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"evaluate interrupted (Ctrl+C): the prompts scored so far are kept in {run_dir}"
+                "/*.partial.jsonl; run the same command again to go on from them"
+            ) from None
         print(evidence_sentence(summary))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_model, make_tokenizer
+from transformers import StaticCache
 
 from soft_prompting.errors import ConfigError
 from soft_prompting.hard_prompts.sampling import CachedDecoder
@@ -129,6 +130,8 @@ def test_contrastive_sampling_with_alpha_zero_is_plain_greedy_sampling_of_that_s
         # generate stops a row at its end of sequence; the loop draws on (cut when decoding).
         end = expected.index(eos) + 1 if eos in expected else len(expected)
         assert row[:end] == expected[:end]
+    none = sample_continuations(flip, ids, mask, 0, temperature=0, side="model_2", use_prompt=False)
+    assert none.shape == (len(ids), 0) and none.dtype == ids.dtype
     # With alpha > 0 the first token is the argmax of l_b + alpha (l_b - l_a), in either direction.
     with torch.no_grad():
         logits = [
@@ -165,14 +168,19 @@ def _recomputed(module, ids, mask, steps, temperature, side, alpha, generator):
     return torch.cat(new, dim=1)
 
 
-def test_the_cached_decoder_gives_the_logits_of_the_whole_sequence_run_again(flip):
-    """Behind the soft prompt, left-padded rows: each cached step equals a full forward."""
+@pytest.mark.parametrize("static", [False, True], ids=["growing_cache", "static_cache"])
+def test_the_cached_decoder_gives_the_logits_of_the_whole_sequence_run_again(flip, static):
+    """Behind the soft prompt, left-padded rows: each cached step equals a full forward, over a
+    cache that grows and over one allocated once for every step (what CUDA decodes over)."""
     batch = _seeds(flip, ["the cat", f"what is one plus {FLIP_WORD}", "i am a helpful"])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     model, prompt, vocab = flip.pair.model_2, flip.active_prompt.detach(), flip.pair.vocab_size
     with torch.no_grad():
-        decoder = CachedDecoder(model, flip._model_inputs(model, ids, mask, prompt), vocab)
+        inputs = flip._model_inputs(model, ids, mask, prompt)
+        decoder = CachedDecoder(model, inputs, vocab, max_new_tokens=4 if static else None)
+        assert decoder.static is static
         for word in ("two", "is", "four", "the"):
+            assert isinstance(decoder.cache, StaticCache) is static  # the cache the steps use
             full = model(**flip._model_inputs(model, ids, mask, prompt)).logits[:, -1, :vocab]
             torch.testing.assert_close(decoder.logits, full, atol=1e-5, rtol=1e-5)
             token = torch.tensor(flip.tokenizer.convert_tokens_to_ids([word] * len(ids)))

@@ -57,7 +57,16 @@ def test_a_mistyped_key_exits_2_naming_it(module, monkeypatch, capsys):
 def test_a_bad_override_exits_2(override, fragment, monkeypatch, capsys):
     raised = run_main("soft_prompting.train", [override], monkeypatch)
     assert isinstance(raised, SystemExit)
-    assert_config_error(raised.code, capsys.readouterr().err, fragment)
+    err = capsys.readouterr().err
+    assert_config_error(raised.code, err, fragment)
+    if override.startswith("model_pair="):  # the choices listed are the pairs, and only those
+        listed = {
+            line.strip() for line in err.split("Available options in 'model_pair':")[1].splitlines()
+        }
+        pairs = {
+            path.stem for path in (Path(__file__).parents[1] / "conf" / "model_pair").glob("*.yaml")
+        }
+        assert pairs <= listed and "schema" not in listed
 
 
 def test_the_console_script_exits_2_on_a_mistyped_key(tmp_path):

@@ -113,6 +113,12 @@ def test_trust_remote_code_is_off_by_default():
         ("training.num_soft_prompt_tokens=0", "num_soft_prompt_tokens"),
         # A choice outside its Enum is refused while Hydra composes the config, naming the values.
         ("training.divergence=kullback", "expected one of [kl, reverse_kl, js]"),
+        # A strategy's bad setting is refused before training, not at the dataset stage after it.
+        (
+            "generation.strategies=[{_target_: soft_prompting.hard_prompts.strategies."
+            "SoftPromptExploration, max_new_tokens: 0}]",
+            "cannot be built: max_new_tokens=0: must be a whole number >= 1",
+        ),
     ],
 )
 def test_out_of_range_values_on_the_command_line(tmp_path, override, fragment):

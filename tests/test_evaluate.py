@@ -98,6 +98,8 @@ def test_bad_evidence_settings_are_config_errors(override, message):
 def test_evaluate_cli_writes_evidence_and_resumes(tiny_pair_dirs, text_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat sat on\ni am a helpful\nwhat is one plus\n")
+    (tmp_path / ".hydra").mkdir()  # as if a run of seed 7 had written the prompts
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 7\n")
     run_dir = tmp_path / "evaluation"
     args = [
         *pair_args(tiny_pair_dirs, text_dir),
@@ -126,6 +128,12 @@ def test_evaluate_cli_writes_evidence_and_resumes(tiny_pair_dirs, text_dir, tmp_
         assert r["q_value"] >= r["p_value"]
     assert summary["num_discoveries"] == sum(r["discovery"] for r in records)
     assert "discoveries at FDR 0.05" in (run_dir / "evaluation.md").read_text()
+    assert summary["matched_to_run"]["differ"] == {"seed": {"evaluate": 0, "run": 7}}
+    assert "pass the run's values: seed=7" in result.stdout + result.stderr
+    assert (
+        "not matched to the prompts' run**: `seed` 0 (run: 7)"
+        in (run_dir / "evaluation.md").read_text()
+    )
     assert (run_dir / "baseline_prompts.jsonl").is_file()
     assert not list(run_dir.glob("*.partial.jsonl"))
 
@@ -186,30 +194,32 @@ def test_the_baselines_start_from_the_texts_the_runs_strategies_started_from(
 
     propose = strategies.propose_candidates
     monkeypatch.setattr(strategies, "propose_candidates", spy)
-    same = ["seed=3", "data.max_texts_per_category=5", "data.max_length=6"]
+    same = [
+        "seed=3",
+        "data.max_texts_per_category=5",
+        "data.max_length=6",
+        "generation.num_prompts=2",
+    ]
     shared = pair_args(tiny_pair_dirs, text_dir)
     train = run_main(
         "soft_prompting.train",
         [
-            *shared[:3],  # the pair and the texts
+            *shared[:5],  # the pair, the texts and the sampling
             shared[-1],  # the small strategy list
             *same,
             "training.max_steps=1",
-            "generation.num_prompts=2",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         tmp_path,
     )
     assert train.returncode == 0, train.stderr[-3000:]
     (run_texts,) = seen
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the cat sat on\n")
     evaluate = run_evaluate(
         [
             *pair_args(tiny_pair_dirs, text_dir),
             *same,
             "baselines=[text_ranking,random_text_cut]",
-            f"prompts_file={prompts}",
+            f"prompts_file={tmp_path / 'run' / 'divergent_dataset.jsonl'}",
             f"hydra.run.dir={tmp_path / 'evaluation'}",
         ],
         tmp_path,
@@ -217,3 +227,72 @@ def test_the_baselines_start_from_the_texts_the_runs_strategies_started_from(
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert len(seen) == 3 and all(texts == run_texts for texts in seen[1:])
     assert {len(texts) for texts in run_texts.values()} == {5}
+    # Given the run's settings, evaluate finds nothing to warn about in the run's config.
+    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text())
+    assert summary["matched_to_run"] == {
+        "run_config": str(tmp_path / "run" / ".hydra" / "config.yaml"),
+        "differ": {},
+    }
+    assert "differ from the run" not in evaluate.stdout + evaluate.stderr
+
+
+def test_evaluate_names_every_setting_that_differs_from_the_prompts_run_and_the_fix(
+    tmp_path, caplog
+):
+    """Baselines match the prompts only with the run's seed, texts and selection settings; a
+    mismatch is named with the overrides that fix it, and kept in the summary."""
+    from omegaconf import OmegaConf
+
+    from soft_prompting.config import TrainConfig
+    from soft_prompting.evaluate import differences_from_run
+
+    run = OmegaConf.structured(TrainConfig)
+    run.model_pair.model_1_name, run.model_pair.model_2_name = "organism:base", "organism:both"
+    run.seed, run.data.max_length, run.data.categories = 3, 32, ["math", "persona"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(run, tmp_path / ".hydra" / "config.yaml")
+    prompts = tmp_path / "divergent_dataset.jsonl"
+    config = EvaluateConfig(prompts_file=str(prompts))
+    config.model_pair.model_1_name, config.model_pair.model_2_name = (
+        "organism:base",
+        "organism:both",
+    )
+    matched = differences_from_run(config)
+    assert matched["differ"] == {
+        "seed": {"evaluate": 0, "run": 3},
+        "data.categories": {"evaluate": None, "run": ["math", "persona"]},
+        "data.max_length": {"evaluate": 64, "run": 32},
+    }
+    (line,) = [r.getMessage() for r in caplog.records if "differ from the run" in r.getMessage()]
+    assert "seed=0 (run: 3)" in line
+    assert line.endswith("seed=3 data.categories=['math','persona'] data.max_length=32")
+    config.seed, config.data.max_length, config.data.categories = 3, 32, ["math", "persona"]
+    assert differences_from_run(config)["differ"] == {}
+    assert differences_from_run(EvaluateConfig(prompts_file="elsewhere/prompts.txt")) == {
+        "run_config": None,
+        "differ": {},
+    }
+
+
+def test_ctrl_c_during_evaluate_says_how_to_go_on_and_keeps_the_scored_prompts(
+    tiny_pair_dirs, text_dir, tmp_path, monkeypatch
+):
+    import soft_prompting.evaluate as evaluate_module
+
+    def interrupted(*args, **kwargs):  # Ctrl+C once the prompts are scored, in the baselines
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "baseline_texts", interrupted)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat sat on\nwhat is one plus\n")
+    run_dir = tmp_path / "evaluation"
+    args = [f"prompts_file={prompts}", f"hydra.run.dir={run_dir}"]
+    try:
+        result = run_evaluate([*pair_args(tiny_pair_dirs, text_dir), *args], tmp_path)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl+C escaped evaluate as a traceback")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "evaluate interrupted (Ctrl+C)" in line and "run the same command again" in line
+    kept = (run_dir / "evaluated_prompts.partial.jsonl").read_text().splitlines()
+    assert sum('"prompt": ' in line for line in kept) == 2

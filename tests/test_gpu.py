@@ -203,3 +203,46 @@ def test_the_facade_trains_on_the_gpu_with_models_loaded_on_the_cpu(tiny_pair_di
     assert trainer.pair.device.type == trainer.module.soft_prompt.device.type == "cuda"
     records = trainer.generate_divergent_dataset(prompts=["the cat sat on"], num_prompts=1)
     assert records and records[0]["metrics"]["kl_divergence"] >= 0
+
+
+def test_sampling_noise_is_drawn_on_the_gpu_and_a_seed_repeats_it(tiny_pair_dirs, monkeypatch):
+    """A host draw of rows × vocab uniforms per step, copied over, would cost more than the
+    decoding step of a large pair (issue 15): the noise comes from a generator on the GPU."""
+    from soft_prompting.hard_prompts.sampling import SamplingSettings, paired_generate
+    from soft_prompting.pair.loading import ModelPairManager
+
+    pair = ModelPairManager().load_model_pair(*tiny_pair_dirs)
+    devices, rand = [], torch.rand
+
+    def spy(*args, **kwargs):
+        noise = rand(*args, **kwargs)
+        devices.append(noise.device.type)
+        return noise
+
+    monkeypatch.setattr(torch, "rand", spy)
+    settings = SamplingSettings(max_length=4, num_generations_per_prompt=8, temperature=0.9)
+    first = paired_generate(pair, TEXTS, settings, seed=5)
+    again = paired_generate(pair, TEXTS, settings, seed=5)
+    assert devices and set(devices) == {"cuda"}
+    for a, b in zip(first, again, strict=True):
+        assert a.tokens.device.type == "cuda"
+        assert torch.equal(a.tokens, b.tokens)
+
+
+def test_generation_on_the_gpu_decodes_over_a_cache_allocated_once(tiny_pair_dirs, monkeypatch):
+    import dataclasses
+
+    import soft_prompting.hard_prompts.sampling as sampling
+    from soft_prompting.pair.loading import ModelPairManager
+
+    pair = ModelPairManager(torch_dtype="float32").load_model_pair(*tiny_pair_dirs)
+    built, allocate = [], sampling.static_cache
+    monkeypatch.setattr(sampling, "static_cache", lambda *a: built.append(a[1]) or allocate(*a))
+    settings = sampling.SamplingSettings(max_length=6, num_generations_per_prompt=2, temperature=0)
+    static = sampling.paired_generate(pair, TEXTS, settings, seed=0)
+    assert len(built) == 2  # the default on CUDA, one cache per model
+    growing = sampling.paired_generate(
+        pair, TEXTS, dataclasses.replace(settings, static_cache=False), seed=0
+    )
+    for a, b in zip(static, growing, strict=True):
+        assert torch.equal(a.tokens, b.tokens)

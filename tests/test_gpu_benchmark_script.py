@@ -46,6 +46,9 @@ def test_the_dry_run_writes_raw_json_with_the_device_name(tmp_path):
 
     # mixed_precision=auto on this CPU: bf16 autocast exactly where the CPU has native bf16.
     assert bench["train_precision"] == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
+    # The 7B run's generation variant, here on the CPU's default (growing) cache: same text.
+    assert bench["gen_vs_growing_cache"] > 0
+    assert bench["checks"]["gen_growing_cache_same_generation_1"] == 1.0
     pipeline = json.loads((out / "pipeline_tiny.json").read_text())
     assert pipeline["records"] == 2 and pipeline["pipeline_s"] > 0
     assert pipeline["evaluation"]["environment"]["device"].startswith("cpu")

@@ -122,6 +122,8 @@ def test_benchmark_command_writes_the_promised_json(tmp_path):
             # Compared with the fp32 naive step below: fp32 on every machine (auto would pick
             # bf16 on AMX or AMD AVX512-BF16 CPUs).
             "--no-mixed-precision",
+            "--variants",
+            "static_cache",  # the generation CUDA runs by default, timed beside the CPU's
         ],
         capture_output=True,
         text=True,
@@ -145,6 +147,8 @@ def test_benchmark_command_writes_the_promised_json(tmp_path):
     assert report["settings"]["preset"] == "tiny" and report["fused_head"]
     assert report["checks"]["train_divergence_abs_diff"] < 1e-5
     assert report["checks"]["gen_same_generation_1"] == 1.0
+    assert report["gen_static_cache_s"] > 0 and report["gen_vs_static_cache"] > 0
+    assert report["checks"]["gen_static_cache_same_generation_1"] == 1.0
 
 
 @pytest.mark.skipif(
@@ -165,3 +169,14 @@ def test_peak_memory_of_a_step_is_measured_in_a_child_process():
     assert memory["peak_rss_mb"] == pytest.approx(
         memory["base_rss_mb"] + memory["step_rss_mb"], abs=0.2
     )
+
+
+def test_what_a_step_saves_for_its_backward_counts_activations_not_weights():
+    from soft_prompting.benchmark import preset_settings, saved_activations
+
+    saved = saved_activations(preset_settings("tiny", "cpu"), log=lambda line: None)
+    ops = saved["by_op_mb"]
+    assert saved["total_mb"] == pytest.approx(sum(ops.values())) and saved["total_mb"] > 0
+    assert "SiluBackward0.self" in ops  # the MLP's activations are kept...
+    assert not any(op.startswith("MmBackward0.mat2") for op in ops)  # ...the frozen weights not
+    assert "_ChunkedHeadDivergencesBackward.saved_tensors" in ops  # the head's [M, H] gradients

@@ -108,3 +108,22 @@ def test_an_int_temperature_samples_like_the_float(pair):
     assert len(from_int) == len(from_float) > 0
     for a, b in zip(from_int, from_float, strict=True):
         assert torch.equal(a.tokens, b.tokens)
+
+
+def test_a_cache_allocated_once_samples_what_a_growing_cache_samples(pair, monkeypatch):
+    """CUDA decodes over a static cache (SamplingSettings.static_cache=None there); on the CPU
+    it is asked for, and must draw the same continuations, left padding included."""
+    import soft_prompting.hard_prompts.sampling as sampling
+
+    built = []
+    allocate = sampling.static_cache
+    monkeypatch.setattr(sampling, "static_cache", lambda *a: built.append(a[1]) or allocate(*a))
+    settings = dataclasses.replace(SETTINGS, max_length=5)
+    growing = paired_generate(pair, PROMPTS, dataclasses.replace(settings, static_cache=False), 4)
+    assert built == []  # the CPU's default, too
+    assert paired_generate(pair, PROMPTS, settings, seed=4)[0].tokens.shape[1] > 0 and built == []
+    static = paired_generate(pair, PROMPTS, dataclasses.replace(settings, static_cache=True), 4)
+    width = pair.tokenizer(PROMPTS, padding=True, return_tensors="pt")["input_ids"].shape[1]
+    assert built == [width + 5, width + 5]  # one per model, every step's room
+    for a, b in zip(growing, static, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)

@@ -285,3 +285,32 @@ def test_on_policy_term_is_finite_and_reaches_the_soft_prompt(tiny_pair_dirs):
     assert torch.isfinite(value) and value > 0
     value.backward()
     assert module.soft_prompt.grad is not None and module.soft_prompt.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "setting", "message"),
+    [
+        ("SoftPromptExploration", {"max_new_tokens": 0}, "max_new_tokens=0: must be a whole"),
+        ("ContrastiveExploration", {"sides": ["model_3"]}, "sides=['model_3']: use one or both"),
+        ("ContrastiveExploration", {"sides": []}, "sides=[]: use one or both"),
+        ("SoftPromptExploration", {"temperature": -1}, "temperature=-1: must be >= 0"),
+        ("WhiteBoxPrior", {"cut_first_within": 0}, "cut_first_within=0: must be in (0, 1]"),
+        ("CategoryTextRanking", {"num_candidates": 2.5}, "num_candidates=2.5: must be a whole"),
+        ("ProjectionSearch", {"num_restarts": -1}, "num_restarts=-1: must be a whole number >= 0"),
+        ("ProjectionSearch", {"plausible_top_k": 0}, "plausible_top_k=0: must be a whole"),
+        ("CategoryTextRanking", {"nope": 2}, "unexpected keyword argument 'nope'"),
+    ],
+)
+def test_a_bad_strategy_setting_is_named_in_one_line(name, setting, message):
+    from soft_prompting.errors import ConfigError
+
+    spec = {"_target_": f"soft_prompting.hard_prompts.strategies.{name}", **setting}
+    with pytest.raises(ConfigError) as caught:
+        build_strategies([spec])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_settings_that_may_be_zero_or_none_are_accepted():
+    spec = "soft_prompting.hard_prompts.strategies.ProjectionSearch"
+    (search,) = build_strategies([{"_target_": spec, "num_restarts": 0, "plausible_top_k": None}])
+    assert search.num_restarts == 0 and search.plausible_top_k is None

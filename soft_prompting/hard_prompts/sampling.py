@@ -62,6 +62,9 @@ class SamplingSettings:
     temperature: float = 0.7
     top_p: float = 1.0
     batch_size: int = 16
+    static_cache: bool | None = None
+    """Decode over a key/value cache allocated once for the whole continuation (no copy of the
+    cache per new token); None: on CUDA, where the copies cost, and not on the CPU."""
 
     def __post_init__(self) -> None:
         # transformers' warpers reject an int temperature (``temperature=1``): store floats.
@@ -130,15 +133,21 @@ def paired_generate(
         warpers.append(TemperatureLogitsWarper(settings.temperature))
         if settings.top_p < 1.0:
             warpers.append(TopPLogitsWarper(settings.top_p))
-    generator = torch.Generator().manual_seed(seed)
+    # The noise is drawn where the pair runs: on a GPU a host draw (rows × vocab per step) and its
+    # copy would cost more than the decoding step. The CPU draws are the same as ever.
+    generator = torch.Generator(device=pair.device).manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = pad if pad is not None else (eos if eos is not None else 0)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     first = {"input_ids": input_ids, "attention_mask": prompt_mask, "position_ids": position_ids}
+    static = settings.static_cache
+    new_tokens = settings.max_length if (static is None and on_cuda(pair)) or static else None
     states = [
         {
             # logits_to_keep=0 (every position): bit-identical to the scoring before the decoder
-            "decoder": CachedDecoder(model, first, vocab, logits_to_keep=0),
+            "decoder": CachedDecoder(
+                model, first, vocab, logits_to_keep=0, max_new_tokens=new_tokens
+            ),
             "tokens": [],
             "done": torch.zeros(rows, dtype=torch.bool, device=pair.device),
         }
@@ -147,8 +156,8 @@ def paired_generate(
     for step in range(settings.max_length):
         gumbel = None
         if warpers:
-            uniform = torch.rand(rows, vocab, generator=generator).clamp(1e-20, 1.0)
-            gumbel = (-(-uniform.log()).log()).to(pair.device)
+            uniform = torch.rand(rows, vocab, generator=generator, device=pair.device)
+            gumbel = -(-uniform.clamp(1e-20, 1.0).log()).log()
         for state in states:
             scores = state["decoder"].logits
             if step == 0 and eos is not None and eos < vocab:  # at least one new token
@@ -184,23 +193,48 @@ class CachedDecoder:
             soft prompt), ``attention_mask`` and ``position_ids``, all ``[B, L]``-shaped.
         vocab_size: real vocabulary (logits beyond it, embedding padding, are dropped).
         logits_to_keep: positions whose logits the first forward computes (0: all of them).
+        max_new_tokens: given, the cache is allocated once for ``L + max_new_tokens`` positions
+            (transformers' ``StaticCache``; each step writes its keys and values in place) where
+            this transformers and model allow it; None: a cache that grows by a copy per step.
 
     Attributes:
         logits: ``[B, V]`` fp32, the next token's logits.
+        static: whether the cache was allocated once.
     """
 
-    def __init__(self, model, inputs: dict, vocab_size: int, logits_to_keep: int = 1) -> None:
+    def __init__(
+        self,
+        model,
+        inputs: dict,
+        vocab_size: int,
+        logits_to_keep: int = 1,
+        max_new_tokens: int | None = None,
+    ) -> None:
         self.model, self.vocab_size = model, vocab_size
         self._cache_name = _cache_argument(model)
         self.mask = inputs["attention_mask"]
         self.position = inputs["position_ids"][:, -1]
-        self._read(model(**inputs | {"use_cache": True}, logits_to_keep=logits_to_keep))
+        length = self.mask.shape[1]
+        cache = None if max_new_tokens is None else static_cache(model, length + max_new_tokens)
+        self.static = cache is not None
+        # transformers before 5 writes a static cache at the positions it is given; 5.x counts
+        self._positions = (
+            self.static and "cache_position" in inspect.signature(model.forward).parameters
+        )
+        extra = {self._cache_name: cache} if self.static else {}
+        if self._positions:
+            self.cache_position = torch.arange(length, device=self.mask.device)
+            extra["cache_position"] = self.cache_position
+        self._read(model(**inputs | {"use_cache": True}, logits_to_keep=logits_to_keep, **extra))
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Feeds ``tokens`` (``[B]``, one per row) after everything so far."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
         self.position = self.position + 1
-        cache = {self._cache_name: self.cache}
+        extra = {self._cache_name: self.cache}
+        if self._positions:
+            self.cache_position = self.cache_position[-1:] + 1
+            extra["cache_position"] = self.cache_position
         self._read(
             self.model(
                 input_ids=tokens[:, None],
@@ -208,7 +242,7 @@ class CachedDecoder:
                 position_ids=self.position[:, None],
                 use_cache=True,
                 logits_to_keep=1,
-                **cache,
+                **extra,
             )
         )
 
@@ -216,6 +250,24 @@ class CachedDecoder:
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
         self.logits = out.logits[:, -1, : self.vocab_size].float()
+
+
+def on_cuda(pair: ModelPair) -> bool:
+    return pair.device.type == "cuda"
+
+
+def static_cache(model, length: int):
+    """transformers' ``StaticCache`` of ``length`` positions for ``model``, or None where it
+    cannot take one: a model dispatched over devices, or a transformers whose ``StaticCache`` is
+    built otherwise (it then decodes over a growing cache)."""
+    if hasattr(model, "hf_device_map"):
+        return None
+    try:
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=length)
+    except (ImportError, TypeError, ValueError):
+        return None
 
 
 def _cache_argument(model) -> str:
@@ -285,18 +337,20 @@ def score_prompts(
         # models give bitwise-identical numbers (a KV-cached pass rounds differently).
         logits_1 = teacher_forced_logits(pair.model_1, pair, chunk, gen_1.tokens, k)
         logits_2 = teacher_forced_logits(pair.model_2, pair, chunk, gen_1.tokens, k)
-        on_y_1 = teacher_forced_logits(pair.model_1, pair, chunk, gen_2.tokens, k)
-        on_y_2 = teacher_forced_logits(pair.model_2, pair, chunk, gen_2.tokens, k)
+        # On model_2's continuations only the tokens' log-probabilities are needed: each
+        # [rows, T, V] logits tensor is dropped as soon as they are read (GPU memory).
+        on_y_1, on_y_2 = (
+            _token_log_probs(
+                teacher_forced_logits(model, pair, chunk, gen_2.tokens, k), gen_2.tokens
+            )
+            for model in (pair.model_1, pair.model_2)
+        )
         llr_x = sequence_log_likelihood_ratio(
             _token_log_probs(logits_1, gen_1.tokens),
             _token_log_probs(logits_2, gen_1.tokens),
             gen_1.mask,
         )
-        llr_y = sequence_log_likelihood_ratio(
-            _token_log_probs(on_y_1, gen_2.tokens),
-            _token_log_probs(on_y_2, gen_2.tokens),
-            gen_2.mask,
-        )
+        llr_y = sequence_log_likelihood_ratio(on_y_1, on_y_2, gen_2.mask)
         llr_gap = (llr_x - llr_y).double()
         kl = forward_kl(logits_1, logits_2)
         kl = torch.where(gen_1.mask, kl, 0).sum(-1) / gen_1.mask.sum(-1).clamp(min=1)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from soft_prompting.hard_prompts.sampling import CachedDecoder
+from soft_prompting.hard_prompts.sampling import CachedDecoder, on_cuda
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,37 @@ def _sample_texts(texts_by_category: dict[str, list[str]], per_category: int, se
 
 
 # ---------------------------------------------------------------------------- (c) the baseline
+class StrategySettings:
+    """A strategy's settings, checked when ``generation.strategies`` is built (before training):
+    counts are whole numbers >= 1 (``num_restarts`` >= 0), a temperature >= 0, a cut share in
+    (0, 1] and sides among :data:`SIDES`."""
+
+    ZERO_ALLOWED = frozenset({"num_restarts"})
+
+    def __post_init__(self) -> None:
+        from soft_prompting.errors import ConfigError
+
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            least = 0 if spec.name in self.ZERO_ALLOWED else 1
+            if spec.type in ("int", "int | None") and not (
+                (value is None and spec.type == "int | None")
+                or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
+            ):
+                raise ConfigError(f"{spec.name}={value!r}: must be a whole number >= {least}")
+        temperature = getattr(self, "temperature", 0.0)
+        if not isinstance(temperature, int | float) or temperature < 0:
+            raise ConfigError(f"temperature={temperature!r}: must be >= 0 (0: greedy)")
+        cut = getattr(self, "cut_first_within", 1.0)
+        if not isinstance(cut, int | float) or not 0 < cut <= 1:
+            raise ConfigError(f"cut_first_within={cut!r}: must be in (0, 1] (1: at the peak)")
+        unknown = [side for side in getattr(self, "sides", ()) if side not in SIDES]
+        if unknown or not getattr(self, "sides", SIDES):
+            raise ConfigError(f"sides={list(self.sides)!r}: use one or both of {list(SIDES)}")
+
+
 @dataclass
-class CategoryTextRanking:
+class CategoryTextRanking(StrategySettings):
     """The user's own texts, ranked by the pair's divergence on them (the baseline strategy).
 
     Args:
@@ -249,9 +278,14 @@ def sample_continuations(
 
     # The seeds (behind the soft prompt) go through each model once; every sampled token after
     # that is one cached step.
+    # On CUDA the cache is allocated once for all the steps (see SamplingSettings.static_cache).
+    steps = max_new_tokens if on_cuda(pair) else None
     decoders = [
         CachedDecoder(
-            model, module._model_inputs(model, input_ids, attention_mask, prompt), pair.vocab_size
+            model,
+            module._model_inputs(model, input_ids, attention_mask, prompt),
+            pair.vocab_size,
+            max_new_tokens=steps,
         )
         for model in ((model_b, model_a) if alpha else (model_b,))
     ]
@@ -269,11 +303,11 @@ def sample_continuations(
         if step < max_new_tokens - 1:
             for decoder in decoders:
                 decoder.advance(token)
-    return torch.stack(new, dim=1)
+    return torch.stack(new, dim=1) if new else input_ids.new_zeros(len(input_ids), 0)
 
 
 @dataclass
-class SoftPromptExploration:
+class SoftPromptExploration(StrategySettings):
     """Both models continue short category seeds with the trained soft prompt prepended.
 
     The soft prompt steers the sampling towards text where the pair disagrees; the sampled texts
@@ -538,7 +572,7 @@ def _plausible(module, ids: torch.Tensor, prefix: list[int], k: int) -> torch.Te
 
 
 @dataclass
-class ProjectionSearch:
+class ProjectionSearch(StrategySettings):
     """The soft prompt projected onto real tokens (PEZ), refined by GCG-style discrete search.
 
     Args:
@@ -718,7 +752,7 @@ def insertion_points(module, texts: list[str], words: list[str], per_text: int) 
 
 
 @dataclass
-class WhiteBoxPrior:
+class WhiteBoxPrior(StrategySettings):
     """Words whose embedding and output-head rows changed most, written into category texts.
 
     Where both models expose input embeddings and output heads of the same shape, tokens are
@@ -971,8 +1005,11 @@ def build_strategies(specs: list) -> list:
         try:
             strategies.append(instantiate(dict(spec)))
         except Exception as err:
+            # Hydra wraps the strategy's own complaint (a bad value, an unknown argument)
+            own = isinstance(err.__cause__, ConfigError | TypeError | ValueError)
+            reason = err.__cause__ if own else err
             raise ConfigError(
                 f"generation.strategies entry {dict(spec)!r} cannot be built: "
-                f"{str(err).splitlines()[0]}"
+                f"{str(reason).splitlines()[0]}"
             ) from err
     return strategies

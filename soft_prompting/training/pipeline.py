@@ -234,9 +234,13 @@ def _first_process() -> bool:
 
 
 def check_data(config: TrainConfig) -> None:
-    """The data source exists and offers the categories asked for: checked before any model
-    loads (the texts themselves are read once the tokenizer is there)."""
+    """The data source exists and offers the categories asked for, and the dataset's strategies
+    can be built: checked before any model loads (the texts themselves are read once the
+    tokenizer is there), not after training."""
     from soft_prompting.data.datamodule import available_categories
+
+    if config.write_dataset:
+        build_strategies(config.generation.strategies)
 
     known = available_categories(config.data.text_dir, config.data.hf_dataset)
     unknown = [c for c in config.data.categories or [] if known is not None and c not in known]
