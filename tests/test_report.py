@@ -138,6 +138,10 @@ def run_dir(tmp_path_factory, tiny_pair_dirs) -> Path:
                 },
                 "reliability": 0.75,
                 "prompts": {"effect": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}},
+                "matched_to_run": {
+                    "run_config": "x",
+                    "differ": {"seed": {"evaluate": 1, "run": 0}},
+                },
             }
         )
     )
@@ -189,6 +193,14 @@ def test_the_trigger_is_highlighted_by_its_attribution(report):
     shown = markdown.split("## Which words carry the difference")[1]
     assert f"**{TRIGGER_WORD}**" in shown
     assert f"sub-prompt `symbol for {TRIGGER_WORD} ? answer :`" in shown
+
+
+def test_an_evaluation_not_matched_to_the_run_is_flagged_next_to_its_lifts(report):
+    html = report["html"].read_text(encoding="utf-8")
+    markdown = report["markdown"].read_text(encoding="utf-8")
+    line = "The baselines are not matched to the prompts' run: evaluate was given other seed"
+    assert line in html
+    assert line.replace("run:", "run**:").replace("The", "**The") in markdown
 
 
 def test_html_is_self_contained(report):

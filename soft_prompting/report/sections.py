@@ -186,6 +186,8 @@ def evaluation_view(label: str, path: Path, summary: dict, inputs: ReportInputs)
         "reliability_baseline": _number(summary, "reliability_random_text")
         or _number(summary, "random_text", "reliability"),
         "lifts": rows,
+        # Settings the evaluation was given that differ from the prompts' run (see evaluate)
+        "unmatched": sorted(_dig(summary, "matched_to_run", "differ") or {}),
     }
 
 
