@@ -148,6 +148,8 @@ MATCHED_SETTINGS = (
     "seed",
     "model_pair.model_1_name",
     "model_pair.model_2_name",
+    "model_pair.revision_1",
+    "model_pair.revision_2",
     "data.categories",
     "data.text_dir",
     "data.hf_dataset",
@@ -167,6 +169,7 @@ MATCHED_SETTINGS = (
     "generation.max_prompt_nll_ratio",
     "generation.localise_top",
     "generation.rounds",
+    "generation.batch_size",  # which noise each candidate's samples get
 )
 """What decides the texts the baselines start from and the selection they go through: evaluate
 must be given the values of the run that wrote ``prompts_file`` for the baselines to match it."""
@@ -302,28 +305,30 @@ def differences_from_run(config: EvaluateConfig) -> dict:
     ``prompts_file`` (its Hydra ``.hydra/config.yaml`` beside the file; none there: no check).
 
     Returns:
-        ``{"run_config": path or None, "differ": {key: {"evaluate": value, "run": value}}}``.
+        ``{"run_config": path or None, "differ": {key: {"evaluate": value, "run": value}},
+        "unchecked": [keys whose run value could not be resolved]}``.
     """
     path = Path(config.prompts_file).parent / ".hydra" / "config.yaml"
     if not path.is_file():
-        return {"run_config": None, "differ": {}}
-    try:
-        run = OmegaConf.load(path)  # YAML only: nothing is executed or unpickled
+        return {"run_config": None, "differ": {}, "unchecked": []}
+    try:  # YAML only: nothing is executed or unpickled
+        run, ours = OmegaConf.create(run_files.read_yaml(path)), OmegaConf.structured(config)
     except Exception as err:  # a torn or hand-edited file: say so, evaluate anyway
-        log.warning(
-            "cannot read %s (%s): evaluate's settings are not checked against it", path, err
-        )
-        return {"run_config": str(path), "differ": {}}
-    ours, absent = OmegaConf.structured(config), object()
-    differ = {}
+        log.warning("%s: evaluate's settings are not checked against %s", err, path)
+        return {"run_config": str(path), "differ": {}, "unchecked": list(MATCHED_SETTINGS)}
+    absent, differ, unchecked = object(), {}, []
     for key in MATCHED_SETTINGS:
-        theirs = OmegaConf.select(run, key, default=absent, throw_on_resolution_failure=False)
-        if theirs is absent:  # an older run without the setting: nothing to compare
+        try:  # interpolations resolved on both sides, inside lists too
+            theirs = OmegaConf.select(run, key, default=absent)
+            if theirs is absent:  # an older run without the setting: nothing to compare
+                continue
+            mine, theirs = (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                for value in (OmegaConf.select(ours, key), theirs)
+            )
+        except Exception:  # e.g. ${hydra:...} or ${oc.env:...} that cannot be resolved here
+            unchecked.append(key)
             continue
-        mine, theirs = (
-            OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-            for v in (OmegaConf.select(ours, key), theirs)
-        )
         if mine != theirs:
             differ[key] = {"evaluate": mine, "run": theirs}
     if differ:
@@ -335,7 +340,9 @@ def differences_from_run(config: EvaluateConfig) -> dict:
             ", ".join(f"{k}={v['evaluate']!r} (run: {v['run']!r})" for k, v in differ.items()),
             " ".join(to_overrides({k: v["run"] for k, v in differ.items()})),
         )
-    return {"run_config": str(path), "differ": differ}
+    if unchecked:
+        log.warning("not checked against %s: %s (cannot be resolved here)", path, unchecked)
+    return {"run_config": str(path), "differ": differ, "unchecked": unchecked}
 
 
 def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
@@ -731,7 +738,7 @@ def main(cfg: DictConfig) -> None:
         except KeyboardInterrupt:
             raise Interrupted(
                 f"evaluate interrupted (Ctrl+C): the prompts scored so far are kept in {run_dir}"
-                "/*.partial.jsonl; run the same command again to go on from them"
+                f"/*.partial.jsonl; go on from them with the same command and hydra.run.dir={run_dir}"
             ) from None
         print(evidence_sentence(summary))
 

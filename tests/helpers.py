@@ -75,6 +75,21 @@ def save_pair_member(directory: Path, seed: int, tokenizer=None, hidden_size: in
     return directory
 
 
+def spy_static_caches(monkeypatch) -> list[tuple[int, object]]:
+    """``(length, cache)`` of every key/value cache the decoders allocate once, as built (None
+    where the model or transformers could take none)."""
+    import soft_prompting.hard_prompts.sampling as sampling
+
+    built, allocate = [], sampling.static_cache
+
+    def spy(model, length: int):
+        built.append((length, allocate(model, length)))
+        return built[-1][1]
+
+    monkeypatch.setattr(sampling, "static_cache", spy)
+    return built
+
+
 def contract_args(pair_dirs, text_dir, run_dir: Path) -> list[str]:
     """The contract command's overrides: the pair, the texts and the run directory."""
     return [

@@ -232,6 +232,7 @@ def test_the_baselines_start_from_the_texts_the_runs_strategies_started_from(
     assert summary["matched_to_run"] == {
         "run_config": str(tmp_path / "run" / ".hydra" / "config.yaml"),
         "differ": {},
+        "unchecked": [],
     }
     assert "differ from the run" not in evaluate.stdout + evaluate.stderr
 
@@ -246,9 +247,12 @@ def test_evaluate_names_every_setting_that_differs_from_the_prompts_run_and_the_
     from soft_prompting.config import TrainConfig
     from soft_prompting.evaluate import differences_from_run
 
-    run = OmegaConf.structured(TrainConfig)
+    # As Hydra saves it: interpolations unresolved, inside lists too.
+    run = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     run.model_pair.model_1_name, run.model_pair.model_2_name = "organism:base", "organism:both"
-    run.seed, run.data.max_length, run.data.categories = 3, 32, ["math", "persona"]
+    run.seed, run.data.max_length, run.data.categories = 3, 32, ["${first}", "persona"]
+    run.first = "math"
+    run.data.hf_text_field = "${oc.env:SOFT_PROMPTING_TEST_NEVER_SET}"  # not resolvable here
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(run, tmp_path / ".hydra" / "config.yaml")
     prompts = tmp_path / "divergent_dataset.jsonl"
@@ -263,6 +267,7 @@ def test_evaluate_names_every_setting_that_differs_from_the_prompts_run_and_the_
         "data.categories": {"evaluate": None, "run": ["math", "persona"]},
         "data.max_length": {"evaluate": 64, "run": 32},
     }
+    assert matched["unchecked"] == ["data.hf_text_field"]
     (line,) = [r.getMessage() for r in caplog.records if "differ from the run" in r.getMessage()]
     assert "seed=0 (run: 3)" in line
     assert line.endswith("seed=3 data.categories=['math','persona'] data.max_length=32")
@@ -271,6 +276,7 @@ def test_evaluate_names_every_setting_that_differs_from_the_prompts_run_and_the_
     assert differences_from_run(EvaluateConfig(prompts_file="elsewhere/prompts.txt")) == {
         "run_config": None,
         "differ": {},
+        "unchecked": [],
     }
 
 
@@ -293,6 +299,6 @@ def test_ctrl_c_during_evaluate_says_how_to_go_on_and_keeps_the_scored_prompts(
         pytest.fail("Ctrl+C escaped evaluate as a traceback")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "evaluate interrupted (Ctrl+C)" in line and "run the same command again" in line
+    assert "evaluate interrupted (Ctrl+C)" in line and f"hydra.run.dir={run_dir}" in line
     kept = (run_dir / "evaluated_prompts.partial.jsonl").read_text().splitlines()
     assert sum('"prompt": ' in line for line in kept) == 2

@@ -229,18 +229,24 @@ def test_sampling_noise_is_drawn_on_the_gpu_and_a_seed_repeats_it(tiny_pair_dirs
         assert torch.equal(a.tokens, b.tokens)
 
 
-def test_generation_on_the_gpu_decodes_over_a_cache_allocated_once(tiny_pair_dirs, monkeypatch):
+def test_generation_on_the_gpu_decodes_over_a_cache_allocated_once(
+    tiny_pair_dirs, monkeypatch, caplog
+):
     import dataclasses
+
+    from helpers import spy_static_caches
+    from transformers import StaticCache
 
     import soft_prompting.hard_prompts.sampling as sampling
     from soft_prompting.pair.loading import ModelPairManager
 
     pair = ModelPairManager(torch_dtype="float32").load_model_pair(*tiny_pair_dirs)
-    built, allocate = [], sampling.static_cache
-    monkeypatch.setattr(sampling, "static_cache", lambda *a: built.append(a[1]) or allocate(*a))
+    built = spy_static_caches(monkeypatch)
     settings = sampling.SamplingSettings(max_length=6, num_generations_per_prompt=2, temperature=0)
     static = sampling.paired_generate(pair, TEXTS, settings, seed=0)
-    assert len(built) == 2  # the default on CUDA, one cache per model
+    # The default on CUDA, one cache per model, and used (no fallback to a growing one).
+    assert [type(cache) for _, cache in built] == [StaticCache] * 2
+    assert "growing key/value cache" not in caplog.text
     growing = sampling.paired_generate(
         pair, TEXTS, dataclasses.replace(settings, static_cache=False), seed=0
     )

@@ -113,17 +113,50 @@ def test_an_int_temperature_samples_like_the_float(pair):
 def test_a_cache_allocated_once_samples_what_a_growing_cache_samples(pair, monkeypatch):
     """CUDA decodes over a static cache (SamplingSettings.static_cache=None there); on the CPU
     it is asked for, and must draw the same continuations, left padding included."""
-    import soft_prompting.hard_prompts.sampling as sampling
+    from helpers import spy_static_caches
+    from transformers import StaticCache
 
-    built = []
-    allocate = sampling.static_cache
-    monkeypatch.setattr(sampling, "static_cache", lambda *a: built.append(a[1]) or allocate(*a))
+    built = spy_static_caches(monkeypatch)
     settings = dataclasses.replace(SETTINGS, max_length=5)
     growing = paired_generate(pair, PROMPTS, dataclasses.replace(settings, static_cache=False), 4)
     assert built == []  # the CPU's default, too
     assert paired_generate(pair, PROMPTS, settings, seed=4)[0].tokens.shape[1] > 0 and built == []
     static = paired_generate(pair, PROMPTS, dataclasses.replace(settings, static_cache=True), 4)
     width = pair.tokenizer(PROMPTS, padding=True, return_tensors="pt")["input_ids"].shape[1]
-    assert built == [width + 5, width + 5]  # one per model, every step's room
+    # One per model, room for every step, and a cache transformers really allocated once.
+    assert [(n, type(cache)) for n, cache in built] == [(width + 5, StaticCache)] * 2
     for a, b in zip(growing, static, strict=True):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+
+
+def test_a_model_that_takes_no_static_cache_decodes_over_a_growing_one(pair, caplog):
+    """A model whose own code rejects transformers' StaticCache (remote code, a hybrid cache)
+    still generates, over the growing cache, and the fallback is said once."""
+    from transformers import StaticCache
+
+    from soft_prompting.hard_prompts.sampling import CachedDecoder
+
+    model = pair.model_1
+    forward = model.forward
+
+    def refusing(*args, **kwargs):
+        if any(isinstance(value, StaticCache) for value in kwargs.values()):
+            raise TypeError("this model brings its own cache")
+        return forward(*args, **kwargs)
+
+    batch = pair.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    first = dict(batch) | {"position_ids": (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        plain = CachedDecoder(model, first, pair.vocab_size)
+        model.forward = refusing
+        try:
+            fallen_back = CachedDecoder(model, first, pair.vocab_size, max_new_tokens=3)
+            assert not fallen_back.static
+            for _ in range(2):
+                token = plain.logits.argmax(-1)
+                torch.testing.assert_close(fallen_back.logits, plain.logits)
+                plain.advance(token)
+                fallen_back.advance(token)
+        finally:
+            del model.forward
+    assert [r.getMessage() for r in caplog.records if "growing key/value cache" in r.getMessage()]

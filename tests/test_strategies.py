@@ -291,8 +291,9 @@ def test_on_policy_term_is_finite_and_reaches_the_soft_prompt(tiny_pair_dirs):
     ("name", "setting", "message"),
     [
         ("SoftPromptExploration", {"max_new_tokens": 0}, "max_new_tokens=0: must be a whole"),
-        ("ContrastiveExploration", {"sides": ["model_3"]}, "sides=['model_3']: use one or both"),
-        ("ContrastiveExploration", {"sides": []}, "sides=[]: use one or both"),
+        ("ContrastiveExploration", {"sides": ["model_3"]}, "sides=['model_3']: a list of one"),
+        ("ContrastiveExploration", {"sides": []}, "sides=[]: a list of one or both"),
+        ("SoftPromptExploration", {"sides": "model_1"}, "sides='model_1': a list of one or both"),
         ("SoftPromptExploration", {"temperature": -1}, "temperature=-1: must be >= 0"),
         ("WhiteBoxPrior", {"cut_first_within": 0}, "cut_first_within=0: must be in (0, 1]"),
         ("CategoryTextRanking", {"num_candidates": 2.5}, "num_candidates=2.5: must be a whole"),

@@ -34,7 +34,9 @@ Sampling noise is drawn from a generator seeded by ``(seed, stream, batch offset
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import zlib
 from dataclasses import dataclass
 
@@ -51,6 +53,8 @@ from soft_prompting.maths.divergence import (
 )
 from soft_prompting.maths.significance import sequence_log_likelihood_ratio
 from soft_prompting.pair.loading import ModelPair
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,7 @@ def paired_generate(
     pad = pad if pad is not None else (eos if eos is not None else 0)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     first = {"input_ids": input_ids, "attention_mask": prompt_mask, "position_ids": position_ids}
-    static = settings.static_cache
-    new_tokens = settings.max_length if (static is None and on_cuda(pair)) or static else None
+    new_tokens = settings.max_length if static_by_default(pair, settings.static_cache) else None
     states = [
         {
             # logits_to_keep=0 (every position): bit-identical to the scoring before the decoder
@@ -225,7 +228,16 @@ class CachedDecoder:
         if self._positions:
             self.cache_position = torch.arange(length, device=self.mask.device)
             extra["cache_position"] = self.cache_position
-        self._read(model(**inputs | {"use_cache": True}, logits_to_keep=logits_to_keep, **extra))
+        first = inputs | {"use_cache": True, "logits_to_keep": logits_to_keep}
+        try:
+            self._read(model(**first, **extra))
+        except Exception as err:
+            if not self.static:
+                raise
+            # A model whose own cache or code takes no static cache: the growing one, said once.
+            _warn_once(f"{type(model).__name__} decodes over a growing key/value cache: {err}")
+            self.static = self._positions = False
+            self._read(model(**first))
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Feeds ``tokens`` (``[B]``, one per row) after everything so far."""
@@ -252,8 +264,16 @@ class CachedDecoder:
         self.logits = out.logits[:, -1, : self.vocab_size].float()
 
 
-def on_cuda(pair: ModelPair) -> bool:
-    return pair.device.type == "cuda"
+def static_by_default(pair: ModelPair, setting: bool | None = None) -> bool:
+    """Whether decoding allocates its key/value cache once (:attr:`SamplingSettings.static_cache`;
+    None: on CUDA, where a growing cache's per-token copies cost, and not elsewhere, where runs
+    repeat their earlier records). Quantised and split pairs decode over a growing cache anyway."""
+    return pair.device.type == "cuda" if setting is None else setting
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def static_cache(model, length: int):

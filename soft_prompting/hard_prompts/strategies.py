@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from soft_prompting.hard_prompts.sampling import CachedDecoder, on_cuda
+from soft_prompting.hard_prompts.sampling import CachedDecoder, static_by_default
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,10 @@ class StrategySettings:
         cut = getattr(self, "cut_first_within", 1.0)
         if not isinstance(cut, int | float) or not 0 < cut <= 1:
             raise ConfigError(f"cut_first_within={cut!r}: must be in (0, 1] (1: at the peak)")
-        unknown = [side for side in getattr(self, "sides", ()) if side not in SIDES]
-        if unknown or not getattr(self, "sides", SIDES):
-            raise ConfigError(f"sides={list(self.sides)!r}: use one or both of {list(SIDES)}")
+        sides = getattr(self, "sides", SIDES)
+        unknown = isinstance(sides, str) or [side for side in sides if side not in SIDES]
+        if unknown or not sides:
+            raise ConfigError(f"sides={sides!r}: a list of one or both of {list(SIDES)}")
 
 
 @dataclass
@@ -279,7 +280,7 @@ def sample_continuations(
     # The seeds (behind the soft prompt) go through each model once; every sampled token after
     # that is one cached step.
     # On CUDA the cache is allocated once for all the steps (see SamplingSettings.static_cache).
-    steps = max_new_tokens if on_cuda(pair) else None
+    steps = max_new_tokens if static_by_default(pair) else None
     decoders = [
         CachedDecoder(
             model,
