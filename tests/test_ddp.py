@@ -138,3 +138,40 @@ def test_fsdp_shards_the_pair_and_learns_the_same_prompt_as_one_process(
     torch.testing.assert_close(resumed["prompt"], two["prompt"])
     assert resumed["step"] == 3
     assert (run_dir / "divergent_dataset.jsonl").read_text().count("\n") == 4
+
+
+def test_each_prompts_logged_training_divergence_is_the_global_batchs(tiny_pair_dirs, monkeypatch):
+    """With several prompts, rank 0 logs each prompt's divergence on the global batch (it logged
+    its own shard's), token-weighted as train/divergence is."""
+    module = DivergenceModule(*tiny_pair_dirs, num_soft_prompt_tokens=3, num_prompts=2)
+    module.tokenizer.padding_side = "left"
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(
+        module, "log", lambda name, value, **kw: logged.update({name: float(value)})
+    )
+    shards = [TEXTS[0::2], TEXTS[1::2]]
+
+    def step(texts, world: int, reduce) -> dict[str, float]:
+        batch = dict(module.tokenizer(texts, return_tensors="pt", padding=True))
+        strategy = SimpleNamespace(reduce=reduce)
+        module._trainer = SimpleNamespace(world_size=world, strategy=strategy)
+        try:
+            with torch.no_grad():
+                module.training_step(batch, 0)
+        finally:
+            module._trainer = None
+        return {k: v for k, v in logged.items() if k.startswith("train/divergence")}
+
+    local = [[], []]  # every all-reduce of each rank, in order
+    for rank, shard in enumerate(shards):
+        step(shard, 2, lambda tensor, reduce_op, r=rank: local[r].append(tensor) or tensor)
+    assert local[0][0][0] != local[1][0][0], "the test needs ranks with unequal token counts"
+    summed = iter([a + b for a, b in zip(*local, strict=True)])
+    ddp = step(shards[0], 2, lambda tensor, reduce_op: next(summed))
+    one = step(TEXTS, 1, None)
+    assert set(ddp) == {
+        "train/divergence",
+        "train/divergence_prompt_0",
+        "train/divergence_prompt_1",
+    }
+    assert ddp == pytest.approx(one, rel=1e-5)

@@ -523,6 +523,7 @@ class DivergenceModule(pl.LightningModule):
         self._check_finite(logged, batch_idx)
         self.log("train/divergence", logged, prog_bar=True, batch_size=len(ids))
         for k, value in enumerate(per_prompt.detach()):
+            _, value, _ = self._data_parallel_scale(value, mask)  # the global batch's, as logged
             self.log(f"train/divergence_prompt_{k}", value, batch_size=len(ids))
         self.log("train/diversity_penalty", penalty.detach(), batch_size=len(ids))
         weight = self._hparam("diversity_weight") * logged.detach()
