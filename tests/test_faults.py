@@ -679,6 +679,56 @@ def test_ctrl_c_and_slurms_sigusr1_save_a_checkpoint_and_exit_non_zero(
     assert_stopped_with_a_checkpoint(result.returncode, result.stderr, signum, run_dir)
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_notebooks_train_call_saves_a_checkpoint_and_gives_ctrl_c_back(
+    tmp_path, tiny_pair_dirs
+):
+    """The Python API under a notebook's interrupt: Lightning's own handling would exit the cell
+    with SystemExit and leave SIGINT ignored for the rest of the kernel; the run stops with
+    last.ckpt and an Interrupted that says how to go on, and Ctrl+C works again after."""
+    from torch.utils.data import DataLoader
+
+    from soft_prompting import DivergenceTrainer
+    from soft_prompting.errors import Interrupted
+
+    run_dir = tmp_path / "run"
+    trainer = DivergenceTrainer(
+        output_dir=run_dir,
+        config={
+            "model_pair": {"model_1_name": tiny_pair_dirs[0], "model_2_name": tiny_pair_dirs[1]},
+            "training": {
+                "num_soft_prompt_tokens": 2,
+                "max_steps": 100000,
+                "log_every_n_steps": 1,
+                "checkpoint_every_n_steps": 100000,
+                "accelerator": "cpu",
+            }
+        },
+        enable_progress_bar=False,
+    )
+    texts = ["the cat sat on the mat", "what is one plus two", "i am a helpful assistant"] * 4
+    finished = threading.Event()
+
+    def send() -> None:
+        if wait_until_training(run_dir, lambda: not finished.is_set()):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        with pytest.raises(
+            Interrupted, match=r'SIGINT at step \d+: .*call train\(ckpt_path="last"\)'
+        ):
+            trainer.train(DataLoader(texts, batch_size=2))
+    finally:
+        finished.set()
+        sender.join()
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl+C is the notebook's again
+    state = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
+    assert state["global_step"] >= 2
+
+
 # ---------------------------------------------------------------- more run-directory files
 def report_exit(run_dir: Path, capsys) -> str:
     from soft_prompting.report.build import main

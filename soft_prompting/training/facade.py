@@ -152,9 +152,15 @@ class DivergenceTrainer:
         overrides = {"enable_model_summary": False} | self.trainer_kwargs
         if validate_data is None:
             overrides.setdefault("limit_val_batches", 0)
-        trainer = pipeline.build_trainer(self.config, self.output_dir, **overrides)
-        self.lightning_trainer = trainer
-        trainer.fit(self.module, **fit_data, ckpt_path=ckpt_path)
+        # Ctrl+C (a notebook's interrupt) or a scheduler's signal: last.ckpt saved, Interrupted
+        # raised, the handlers put back (Lightning's own would exit and leave Ctrl+C ignored).
+        resume = 'call train(ckpt_path="last") again'
+        with pipeline.Preemption(self.output_dir, resume) as preemption:
+            trainer = pipeline.build_trainer(
+                self.config, self.output_dir, None, preemption, **overrides
+            )
+            self.lightning_trainer = trainer
+            trainer.fit(self.module, **fit_data, ckpt_path=ckpt_path)
         pipeline.save_last_checkpoint(trainer, self.output_dir)
         self._has_trained = True
         metrics = {

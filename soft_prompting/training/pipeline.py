@@ -306,8 +306,11 @@ class Preemption(Callback):
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(
+        self, run_dir: Path, resume: str = "run the same command with ckpt_path=last"
+    ) -> None:
+        """``resume`` says how to go on (the Python API: call ``train(ckpt_path="last")``)."""
+        self.run_dir, self.resume = Path(run_dir), resume
         self.received: signal.Signals | None = None
         self._fitting = False
         self._previous: dict = {}
@@ -332,8 +335,8 @@ class Preemption(Callback):
         self.received = signal.Signals(signum)
         if not self._fitting:
             raise Interrupted(
-                f"stopped by {self.received.name}; run the same command with ckpt_path=last to "
-                "resume (the checkpoint and the partial dataset are kept)"
+                f"stopped by {self.received.name}; {self.resume} to resume (the checkpoint and "
+                "the partial dataset are kept)"
             )
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -356,8 +359,8 @@ class Preemption(Callback):
         name = self.received.name if self.received is not None else "a signal on another rank"
         self._fitting = False
         raise Interrupted(
-            f"stopped by {name} at step {trainer.global_step}: {path} saved; run the same "
-            "command with ckpt_path=last to resume"
+            f"stopped by {name} at step {trainer.global_step}: {path} saved; {self.resume} to "
+            "resume"
         )
 
 
