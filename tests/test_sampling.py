@@ -160,3 +160,27 @@ def test_a_model_that_takes_no_static_cache_decodes_over_a_growing_one(pair, cap
         finally:
             del model.forward
     assert [r.getMessage() for r in caplog.records if "growing key/value cache" in r.getMessage()]
+
+
+def test_vocabulary_jaccard_is_over_the_words_shown_not_the_end_of_sequence(pair, monkeypatch):
+    """Two continuations with no word in common have similarity 0, though both end with EOS."""
+    import soft_prompting.hard_prompts.sampling as sampling
+    from soft_prompting.hard_prompts.sampling import Continuations, continuation_mask
+
+    eos = pair.tokenizer.eos_token_id
+    words = pair.tokenizer.convert_tokens_to_ids(["cat", "dog", "sat"])
+    rows = [[words[0], words[2], eos], [words[1], eos, eos]]
+    other = [[words[1], eos, eos], [words[1], eos, eos]]
+
+    def fixed(pair, prompts, settings, seed):
+        return tuple(
+            Continuations(torch.tensor(t), continuation_mask(torch.tensor(t), eos))
+            for t in (rows, other)
+        )
+
+    monkeypatch.setattr(sampling, "paired_generate", fixed)
+    settings = SamplingSettings(max_length=3, num_generations_per_prompt=2)
+    (record,) = score_prompts(pair, ["the cat"], settings, progress=False)
+    # Pair 1: {cat, sat} vs {dog}: 0. Pair 2: {dog} vs {dog}: 1. Mean 0.5 (with EOS: 1/4 and 1).
+    assert record["metrics"]["vocab_jaccard_similarity"] == 0.5
+    assert record["generation_1"] == "cat sat" and record["generation_2"] == "dog"

@@ -15,7 +15,8 @@ Record schema (``divergent_dataset.jsonl`` / ``.pt``)::
     prompt, generation_1, generation_2, category, source,
     metrics: kl_divergence            mean per-token KL(p1 || p2) on model_1's continuation
              token_disagreement_rate  share of those positions where the argmax tokens differ
-             vocab_jaccard_similarity Jaccard of the two generations' token sets
+             vocab_jaccard_similarity Jaccard of the two generations' token sets (special tokens
+                                      such as the end of sequence left out, as in the text)
              disagreement_positions   {first, last, count, length} of the shown continuation
              reliability              share of sampled pairs whose two generations differ
              kl_divergence_std        spread of the per-sample KL
@@ -349,6 +350,7 @@ def score_prompts(
     """
     records: list[dict] = []
     k = settings.num_generations_per_prompt
+    special = set(pair.tokenizer.all_special_ids)
     batches = range(0, len(prompts), settings.batch_size)
     for start in tqdm(batches, desc="scoring prompts", disable=not progress):
         chunk = prompts[start : start + settings.batch_size]
@@ -380,7 +382,13 @@ def score_prompts(
             rows = range(i * k, (i + 1) * k)
             ids_1 = [_ids(gen_1, r) for r in rows]
             ids_2 = [_ids(gen_2, r) for r in rows]
-            jaccard = [vocab_jaccard_similarity(a, b) for a, b in zip(ids_1, ids_2, strict=True)]
+            # Over the words shown, as decoded: the end-of-sequence token both share is no word.
+            jaccard = [
+                vocab_jaccard_similarity(
+                    [t for t in a if t not in special], [t for t in b if t not in special]
+                )
+                for a, b in zip(ids_1, ids_2, strict=True)
+            ]
             sample_kl = kl[rows.start : rows.stop]
             records.append(
                 {
