@@ -95,10 +95,13 @@ def reference_metrics(reference_models, tokenizer, record: dict) -> dict:
     kl = (log_p1.exp() * (log_p1 - log_p2)).sum(-1)
     differs = (log_p1.argmax(-1) != log_p2.argmax(-1)).tolist()
     where = [t for t, d in enumerate(differs) if d]
+    # The words shown: the special tokens (the end of sequence both share) are no words.
+    words_x, words_y = ({t for t in ids if t not in tokenizer.all_special_ids} for ids in (x, y))
+    union = words_x | words_y
     return {
         "kl_divergence": float(kl.mean()),
         "token_disagreement_rate": sum(differs) / len(x),
-        "vocab_jaccard_similarity": len(set(x) & set(y)) / len(set(x) | set(y)),
+        "vocab_jaccard_similarity": len(words_x & words_y) / len(union) if union else 1.0,
         "disagreement_positions": {
             "first": where[0] if where else -1,
             "last": where[-1] if where else -1,
