@@ -174,6 +174,9 @@ MATCHED_SETTINGS = (
 """What decides the texts the baselines start from and the selection they go through: evaluate
 must be given the values of the run that wrote ``prompts_file`` for the baselines to match it."""
 
+PATH_SETTINGS = frozenset({"data.text_dir", "model_pair.model_1_name", "model_pair.model_2_name"})
+"""Matched settings that may name a folder: the same folder written two ways is the same value."""
+
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 register_configs()
 
@@ -317,6 +320,7 @@ def differences_from_run(config: EvaluateConfig) -> dict:
         log.warning("%s: evaluate's settings are not checked against %s", err, path)
         return {"run_config": str(path), "differ": {}, "unchecked": list(MATCHED_SETTINGS)}
     absent, differ, unchecked = object(), {}, []
+    run_cwd = _run_cwd(path.parent / "hydra.yaml")
     for key in MATCHED_SETTINGS:
         try:  # interpolations resolved on both sides, inside lists too
             theirs = OmegaConf.select(run, key, default=absent)
@@ -329,7 +333,8 @@ def differences_from_run(config: EvaluateConfig) -> dict:
         except Exception:  # e.g. ${hydra:...} or ${oc.env:...} that cannot be resolved here
             unchecked.append(key)
             continue
-        if mine != theirs:
+        same = _same_folder(mine, theirs, run_cwd) if key in PATH_SETTINGS else None
+        if same is False or (same is None and mine != theirs):
             differ[key] = {"evaluate": mine, "run": theirs}
     if differ:
         log.warning(
@@ -343,6 +348,32 @@ def differences_from_run(config: EvaluateConfig) -> dict:
     if unchecked:
         log.warning("not checked against %s: %s (cannot be resolved here)", path, unchecked)
     return {"run_config": str(path), "differ": differ, "unchecked": unchecked}
+
+
+def _run_cwd(hydra_file: Path) -> Path | None:
+    """The folder the run was started from (Hydra's ``hydra.runtime.cwd``), where it can be read."""
+    try:
+        cwd = run_files.read_yaml(hydra_file)["hydra"]["runtime"]["cwd"]
+    except Exception:  # no hydra.yaml, or one without it: relative paths are left unresolved
+        return None
+    return Path(cwd) if isinstance(cwd, str) else None
+
+
+def _same_folder(mine, theirs, run_cwd: Path | None) -> bool | None:
+    """Whether two settings name one folder (evaluate's path relative to where it runs, the run's
+    relative to where the run was started); None where they are not both existing folders (an
+    organism, a hub id, a relative path of a run whose start folder is unknown)."""
+    if not (isinstance(mine, str) and isinstance(theirs, str)):
+        return None
+    ours, its = Path(mine).expanduser(), Path(theirs).expanduser()
+    if not its.is_absolute():
+        if run_cwd is None:
+            return None
+        its = run_cwd / its
+    ours = ours if ours.is_absolute() else Path.cwd() / ours
+    if not (ours.is_dir() and its.is_dir()):
+        return None
+    return ours.resolve() == its.resolve()
 
 
 def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:

@@ -302,3 +302,30 @@ def test_ctrl_c_during_evaluate_says_how_to_go_on_and_keeps_the_scored_prompts(
     assert "evaluate interrupted (Ctrl+C)" in line and f"hydra.run.dir={run_dir}" in line
     kept = (run_dir / "evaluated_prompts.partial.jsonl").read_text().splitlines()
     assert sum('"prompt": ' in line for line in kept) == 2
+
+
+def test_one_folder_written_two_ways_is_the_same_setting(tmp_path, monkeypatch):
+    """``texts`` in the run (started in its folder) and the absolute path in evaluate are one
+    folder; ``texts`` from another working directory is another one."""
+    from omegaconf import OmegaConf
+
+    from soft_prompting.evaluate import differences_from_run
+
+    started, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in (started / "texts", elsewhere / "texts"):
+        folder.mkdir(parents=True)
+    run = started / "outputs" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"data": {"text_dir": "texts"}}, run / ".hydra" / "config.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(started)}}}, run / ".hydra" / "hydra.yaml")
+    config = EvaluateConfig(prompts_file=str(run / "divergent_dataset.jsonl"))
+    config.data.text_dir = str(started / "texts")
+    assert differences_from_run(config)["differ"] == {}
+    monkeypatch.chdir(started)
+    config.data.text_dir = "./texts/"
+    assert differences_from_run(config)["differ"] == {}
+    monkeypatch.chdir(elsewhere)  # the same string names another folder here
+    config.data.text_dir = "texts"
+    assert differences_from_run(config)["differ"] == {
+        "data.text_dir": {"evaluate": "texts", "run": "texts"}
+    }
