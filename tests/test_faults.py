@@ -702,7 +702,7 @@ def test_ctrl_c_in_a_notebooks_train_call_saves_a_checkpoint_and_gives_ctrl_c_ba
                 "log_every_n_steps": 1,
                 "checkpoint_every_n_steps": 100000,
                 "accelerator": "cpu",
-            }
+            },
         },
         enable_progress_bar=False,
     )
