@@ -171,10 +171,18 @@ def _sample_texts(texts_by_category: dict[str, list[str]], per_category: int, se
 
 
 # ---------------------------------------------------------------------------- (c) the baseline
+NON_NEGATIVE = {
+    "temperature": "0: greedy",
+    "alpha": "0: plain sampling of the side",
+    "fluency_weight": "0: divergence alone",
+}
+"""The strategies' real-valued settings that must be >= 0, and what 0 means."""
+
+
 class StrategySettings:
     """A strategy's settings, checked when ``generation.strategies`` is built (before training):
-    counts are whole numbers >= 1 (``num_restarts`` >= 0), a temperature >= 0, a cut share in
-    (0, 1] and sides among :data:`SIDES`."""
+    counts are whole numbers >= 1 (``num_restarts`` >= 0), :data:`NON_NEGATIVE` numbers >= 0, a
+    cut share in (0, 1] and sides among :data:`SIDES`."""
 
     ZERO_ALLOWED = frozenset({"num_restarts"})
 
@@ -189,9 +197,10 @@ class StrategySettings:
                 or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
             ):
                 raise ConfigError(f"{spec.name}={value!r}: must be a whole number >= {least}")
-        temperature = getattr(self, "temperature", 0.0)
-        if not isinstance(temperature, int | float) or temperature < 0:
-            raise ConfigError(f"temperature={temperature!r}: must be >= 0 (0: greedy)")
+        for name, meaning in NON_NEGATIVE.items():
+            value = getattr(self, name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ConfigError(f"{name}={value!r}: must be a number >= 0 ({meaning})")
         cut = getattr(self, "cut_first_within", 1.0)
         if not isinstance(cut, int | float) or not 0 < cut <= 1:
             raise ConfigError(f"cut_first_within={cut!r}: must be in (0, 1] (1: at the peak)")
