@@ -277,6 +277,8 @@ def sample_continuations(
         from soft_prompting.errors import ConfigError
 
         raise ConfigError(f"exploration side {side!r}: use one of {', '.join(SIDES)}")
+    if max_new_tokens == 0:  # nothing to sample: no forward at all
+        return input_ids.new_zeros(len(input_ids), 0)
     module._sync_pair_device()
     pair = module.pair
     model_b = pair.model_2 if side == "model_2" else pair.model_1
@@ -313,7 +315,7 @@ def sample_continuations(
         if step < max_new_tokens - 1:
             for decoder in decoders:
                 decoder.advance(token)
-    return torch.stack(new, dim=1) if new else input_ids.new_zeros(len(input_ids), 0)
+    return torch.stack(new, dim=1)
 
 
 @dataclass
