@@ -125,6 +125,7 @@ def test_out_of_range_values_on_the_command_line(tmp_path, override, fragment):
     result = run_train([override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert_user_error(result, fragment)
     assert result.returncode == 2  # at compose time too, before any model loads
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained first
 
 
 def test_typo_on_the_command_line_names_the_key(tmp_path):
