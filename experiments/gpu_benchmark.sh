@@ -149,7 +149,8 @@ import json, pathlib, re, sys
 out, results, smoke = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3] == "1"
 keys = ["train_step_s", "naive_train_step_s", "train_speedup", "train_precision", "gen_score_s",
         "gen_speedup", "peak_gpu_mb", "naive_peak_gpu_mb", "train_tokens_per_s", "train_tflops_8n",
-        "train_mfu_bf16", "gen_new_tokens_per_s", "gen_growing_cache_s", "gen_vs_growing_cache",
+        "train_mfu_bf16", "gen_new_tokens_per_s", "gen_cache", "gen_growing_cache_s",
+        "gen_vs_growing_cache",
         "train_fp32_step_s", "pipeline_s",
         "pipeline_minutes", "fit_and_validate_s", "dataset_s", "evaluate_s", "records", "checks"]
 raw, summary = {}, {}

@@ -552,6 +552,8 @@ def measure_memory_in_children(
 
 
 def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    from soft_prompting.hard_prompts.sampling import static_by_default
+
     device, cuda = settings.device, settings.device.startswith("cuda")
     t0 = time.perf_counter()
     log(f"building the {settings.preset} pair on {device}…")
@@ -563,7 +565,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
     train, module = project_train_step(settings, pair)
     steps: dict[str, Callable[[], object]] = {"train": lambda: train(batch)}
     reference_loss = {}
-    gens: dict[str, Callable[[], object]] = {"gen": project_gen_score(settings, pair, prompts)}
+    caches: dict[str, bool | None] = {"gen": None}  # each generation's static_cache setting
     if settings.naive_train:
         naive_pair = build_pair(settings, torch.float32)
         naive = naive_train_step(settings, naive_pair, module.soft_prompt)
@@ -587,10 +589,12 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
             compiled, _ = project_train_step(settings, pair, compile=True)
             steps["train_compile"] = lambda f=compiled: f(batch)
         elif variant in ("growing_cache", "static_cache"):
-            static = variant == "static_cache"
-            gens[f"gen_{variant}"] = project_gen_score(settings, pair, prompts, static)
+            caches[f"gen_{variant}"] = variant == "static_cache"
         else:
             raise ValueError(f"unknown variant {variant!r}: choose from {VARIANTS}")
+    gens: dict[str, Callable[[], object]] = {
+        name: project_gen_score(settings, pair, prompts, static) for name, static in caches.items()
+    }
     if settings.naive_gen:
         gens["naive_gen"] = naive_gen_score(settings, pair, prompts)
 
@@ -657,6 +661,11 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         "fused_head": bool(module.fused_head),
         "train_precision": lightning_precision(settings.mixed_precision, device),
         "checks": consistency_checks(reference_loss, outputs),
+        # The key/value cache each generation decodes over (unless its model rejects a static one).
+        "gen_cache": {
+            name: "static" if static_by_default(pair, static) else "growing"
+            for name, static in caches.items()
+        },
     }
     for variant in settings.variants:
         if f"gen_{variant}" in median:  # a generation variant: its time and the default's speed-up

@@ -149,6 +149,7 @@ def test_benchmark_command_writes_the_promised_json(tmp_path):
     assert report["checks"]["gen_same_generation_1"] == 1.0
     assert report["gen_static_cache_s"] > 0 and report["gen_vs_static_cache"] > 0
     assert report["checks"]["gen_static_cache_same_generation_1"] == 1.0
+    assert report["gen_cache"] == {"gen": "growing", "gen_static_cache": "static"}  # the CPU's
 
 
 @pytest.mark.skipif(
